@@ -1,0 +1,170 @@
+//! Idempotent, versioned provisioning of streams and buckets.
+//!
+//! Every service calls [`ensure_stream`] for the streams it uses at start.
+//! The desired configuration is hashed into the stream's metadata
+//! (`meterline.config`); a stream whose hash differs is updated to the new
+//! configuration, and if the server refuses the update (an immutable field
+//! changed) the service refuses to start with the reason, rather than run
+//! against a configuration it did not ask for.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    stream::{Config, DiscardPolicy, RetentionPolicy, Source, StorageType, SubjectTransform},
+};
+use sha2::{Digest, Sha256};
+
+use crate::subjects::{ENTITIES_STREAM, EVENTS_STREAM};
+
+/// Bumped when the meaning of a provisioned configuration changes in a way
+/// the hash alone would not show.
+pub const PROVISION_VERSION: &str = "1";
+pub const META_CONFIG: &str = "meterline.config";
+pub const META_VERSION: &str = "meterline.provision";
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// `ENTITIES`: the log of record. Every version of every entity is kept
+/// forever; nothing can be deleted or purged.
+pub fn entities() -> Config {
+    Config {
+        name: ENTITIES_STREAM.into(),
+        description: Some("Meterline entity mutations: the log of record".into()),
+        subjects: vec!["ent.>".into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_messages_per_subject: -1,
+        discard: DiscardPolicy::New,
+        deny_delete: true,
+        deny_purge: true,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+/// `EVENTS`: every user-visible Event for 28 days. Entity events are sourced
+/// from `ENTITIES` by the server with a subject transform: no second write.
+pub fn events() -> Config {
+    Config {
+        name: EVENTS_STREAM.into(),
+        description: Some("Meterline events: entity mutations (sourced) and other events, 28 days".into()),
+        subjects: vec!["evt.*.ingest.>".into(), "evt.*.dataexport.>".into(), "evt.*.integration.>".into(), "evt.*.scheduled.>".into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: 28 * DAY,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        sources: Some(vec![Source {
+            name: ENTITIES_STREAM.into(),
+            subject_transforms: vec![SubjectTransform {
+                source: "ent.*.*.*".into(),
+                destination: "evt.{{wildcard(1)}}.entity.{{wildcard(2)}}.{{wildcard(3)}}".into(),
+            }],
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+fn fingerprint(config: &Config) -> String {
+    let mut c = config.clone();
+    c.metadata = HashMap::new();
+    let json = serde_json::to_vec(&c).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("stream {name}: {source}")]
+    Stream { name: String, source: async_nats::Error },
+    #[error("stream {name} exists with another configuration and cannot be updated to this one: {source}")]
+    Update { name: String, source: async_nats::Error },
+}
+
+/// What [`ensure_stream`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// Creates the stream, or updates it if its configuration differs from
+/// `desired`. Safe to call from every replica at every start.
+pub async fn ensure_stream(js: &jetstream::Context, desired: Config) -> Result<Outcome, ProvisionError> {
+    let name = desired.name.clone();
+    let mut desired = desired;
+    let hash = fingerprint(&desired);
+    desired.metadata.insert(META_CONFIG.into(), hash.clone());
+    desired.metadata.insert(META_VERSION.into(), PROVISION_VERSION.into());
+    match js.get_stream(&name).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| ProvisionError::Stream { name: name.clone(), source: e.into() })?;
+            let current = &info.config.metadata;
+            if current.get(META_CONFIG) == Some(&hash) && current.get(META_VERSION).map(String::as_str) == Some(PROVISION_VERSION) {
+                return Ok(Outcome::Unchanged);
+            }
+            js.update_stream(desired)
+                .await
+                .map_err(|e| ProvisionError::Update { name: name.clone(), source: e.into() })?;
+            tracing::info!(stream = %name, config = %hash, "stream configuration updated");
+            Ok(Outcome::Updated)
+        }
+        Err(_) => match js.create_stream(desired.clone()).await {
+            Ok(_) => {
+                tracing::info!(stream = %name, config = %hash, "stream created");
+                Ok(Outcome::Created)
+            }
+            // Another replica created it first: check it is ours.
+            Err(e) => match js.get_stream(&name).await {
+                Ok(_) => Box::pin(ensure_stream(js, desired)).await,
+                Err(_) => Err(ProvisionError::Stream { name, source: e.into() }),
+            },
+        },
+    }
+}
+
+/// `ENTITIES` and `EVENTS`, in that order (`EVENTS` sources `ENTITIES`).
+pub async fn ensure_core(js: &jetstream::Context) -> Result<(), ProvisionError> {
+    ensure_stream(js, entities()).await?;
+    ensure_stream(js, events()).await?;
+    Ok(())
+}
+
+/// KV bucket of service-user credentials (hashed secrets only).
+pub const CREDENTIALS_BUCKET: &str = "credentials";
+
+pub fn credentials_bucket() -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: CREDENTIALS_BUCKET.into(),
+        description: "Meterline service-user access keys (argon2 hashes of secrets)".into(),
+        history: 5,
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Creates a KV bucket if missing; returns it either way.
+pub async fn ensure_kv(
+    js: &jetstream::Context,
+    config: jetstream::kv::Config,
+) -> Result<jetstream::kv::Store, ProvisionError> {
+    let name = config.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => match js.create_key_value(config).await {
+            Ok(kv) => Ok(kv),
+            Err(e) => js
+                .get_key_value(&name)
+                .await
+                .map_err(|_| ProvisionError::Stream { name: format!("KV_{name}"), source: e.into() }),
+        },
+    }
+}

@@ -1,0 +1,117 @@
+//! The subject grammar of the bus, and validation of every user-supplied token
+//! that ends up in a subject.
+//!
+//! | stream | subject |
+//! |---|---|
+//! | `ENTITIES` | `ent.<org>.<type>.<id>` |
+//! | `EVENTS` | `evt.<org>.<name...>`; entity events `evt.<org>.entity.<type>.<id>` |
+//! | requests | `svc.<service>.<org>.<...>.<op>` |
+
+use crate::error::ServiceError;
+
+pub const ENTITIES_STREAM: &str = "ENTITIES";
+pub const EVENTS_STREAM: &str = "EVENTS";
+
+/// The longest token Meterline accepts from a user. m3ter ids are UUIDs (36
+/// characters) and codes are at most 80; anything far longer is a mistake.
+pub const MAX_TOKEN_LEN: usize = 128;
+
+/// Checks that `value` can be used as one subject token: not empty, at most
+/// [`MAX_TOKEN_LEN`] bytes, and free of `.`, `*`, `>`, whitespace and control
+/// characters. `what` names the value in the error message.
+pub fn validate_token(what: &str, value: &str) -> Result<(), ServiceError> {
+    if value.is_empty() {
+        return Err(ServiceError::bad_request(format!("{what} must not be empty")));
+    }
+    if value.len() > MAX_TOKEN_LEN {
+        return Err(ServiceError::bad_request(format!(
+            "{what} is longer than {MAX_TOKEN_LEN} characters"
+        )));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
+    {
+        return Err(ServiceError::bad_request(format!(
+            "{what} {value:?} contains {c:?}, which is not allowed in an id"
+        )));
+    }
+    Ok(())
+}
+
+/// `ent.<org>.<type>.<id>`: the subject of one entity's history.
+pub fn entity(org: &str, entity_type: &str, id: &str) -> String {
+    format!("ent.{org}.{entity_type}.{id}")
+}
+
+/// `ent.<org>.<type>.*`: every entity of one type in one org.
+pub fn entity_type_filter(org: &str, entity_type: &str) -> String {
+    format!("ent.{org}.{entity_type}.*")
+}
+
+/// `evt.<org>.entity.<type>.<id>`: where an entity mutation appears on `EVENTS`.
+pub fn entity_event(org: &str, entity_type: &str, id: &str) -> String {
+    format!("evt.{org}.entity.{entity_type}.{id}")
+}
+
+/// `evt.<org>.<event name>`: any other event, by its dotted name.
+pub fn event(org: &str, event_name: &str) -> String {
+    format!("evt.{org}.{event_name}")
+}
+
+/// Operations of the entities service, the last token of its request subjects.
+pub mod ops {
+    pub const CREATE: &str = "create";
+    pub const UPDATE: &str = "update";
+    pub const DELETE: &str = "delete";
+    pub const GET: &str = "get";
+    pub const LIST: &str = "list";
+    pub const ALL: [&str; 5] = [CREATE, UPDATE, DELETE, GET, LIST];
+}
+
+/// `svc.entities.<org>.<type>.<op>`.
+pub fn entities_request(org: &str, entity_type: &str, op: &str) -> String {
+    format!("svc.entities.{org}.{entity_type}.{op}")
+}
+
+/// `svc.entities.<org>.serviceuser.credentials`: issue an access key and secret.
+pub fn credentials_request(org: &str) -> String {
+    format!("svc.entities.{org}.serviceuser.credentials")
+}
+
+/// Verifies a service user's access key and secret; answered by `entities`.
+pub const AUTH_VERIFY: &str = "svc.auth.verify";
+
+/// Splits `ent.<org>.<type>.<id>` into its three tokens.
+pub fn parse_entity(subject: &str) -> Option<(&str, &str, &str)> {
+    let rest = subject.strip_prefix("ent.")?;
+    let mut it = rest.splitn(3, '.');
+    let (org, ty, id) = (it.next()?, it.next()?, it.next()?);
+    if id.contains('.') {
+        return None;
+    }
+    Some((org, ty, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_with_subject_characters_are_rejected() {
+        for bad in ["a.b", "a*", ">", "a b", "a\tb", "", "x\u{7}", &"x".repeat(129)] {
+            assert!(validate_token("id", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["01J9ZQ", "acme-corp", "org_1", "ÄÖÜ", "3f2b5c1e-7a1d-4c55-9a3e-1b2c3d4e5f60"] {
+            validate_token("id", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn entity_subjects_round_trip() {
+        let s = entity("org1", "account", "01ABC");
+        assert_eq!(parse_entity(&s), Some(("org1", "account", "01ABC")));
+        assert_eq!(parse_entity("evt.a.b.c"), None);
+        assert_eq!(entity_event("o", "meter", "m1"), "evt.o.entity.meter.m1");
+    }
+}

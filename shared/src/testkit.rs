@@ -1,0 +1,154 @@
+//! Test kit: real servers on free ports in temp dirs, cleaned up on drop.
+//!
+//! [`NatsServer::start`] runs `nats-server` with JetStream (and
+//! `sync_interval: always`, as in production) in a fresh temp dir, reads its
+//! port from the ports file the server writes, and kills it on drop. The
+//! binary is found at `$NATS_SERVER_BIN`, else in the project's `.tools/`
+//! (where `make test` installs it), else on `PATH`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A running `nats-server`, killed and cleaned up on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: TempDir,
+    url: String,
+    port: u16,
+}
+
+fn workspace_root() -> PathBuf {
+    // shared/ is one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Where the `nats-server` binary is.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let local = workspace_root().join(".tools/venv/bin/nats-server");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("nats-server")
+}
+
+impl NatsServer {
+    /// Starts a fresh server with JetStream in a new temp dir.
+    pub fn start() -> NatsServer {
+        let dir = tempfile::Builder::new().prefix("meterline-nats-").tempdir().expect("temp dir");
+        Self::start_in(dir, None)
+    }
+
+    fn start_in(dir: TempDir, port: Option<u16>) -> NatsServer {
+        crate::telemetry::init_for_tests();
+        let store = dir.path().join("jetstream");
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n  max_memory_store: 256MB\n  max_file_store: 8GB\n}}\n",
+                port.map(i64::from).unwrap_or(-1),
+                store.display().to_string()
+            ),
+        )
+        .expect("write nats.conf");
+        let ports_dir = dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let bin = nats_server_bin();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run nats-server ({}): {e}. Run `make test` (it installs nats-server 2.15.1 into .tools/), \
+                     or set NATS_SERVER_BIN.",
+                    bin.display()
+                )
+            });
+        let url = read_ports_file(&ports_dir, child.id());
+        let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in ports file");
+        NatsServer { child: Some(child), dir, url, port }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("jetstream")
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(&self.url).await.expect("connect to test nats-server")
+    }
+
+    /// Stops the server (as a crash would: SIGKILL) and starts it again on
+    /// the same port and store.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        let fresh = Self::start_in(dir, Some(self.port));
+        *self = fresh;
+    }
+}
+
+fn read_ports_file(dir: &Path, pid: u32) -> String {
+    let path = dir.join(format!("nats-server_{pid}.ports"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(url) = v["nats"][0].as_str() {
+                    return url.replace("0.0.0.0", "127.0.0.1");
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "nats-server did not write {} in time", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

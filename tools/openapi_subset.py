@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Cut Meterline's OpenAPI document out of m3ter's published API document.
+
+Usage: tools/openapi_subset.py M3TER_OPENAPI_JSON > shared/openapi/meterline.json
+
+Meterline serves the m3ter routes listed in PATHS with m3ter's own schemas, so
+field names and validation rules (required fields, lengths, patterns, enums)
+come from one source. Routes Meterline adds beyond m3ter (writes of
+engine-computed billing entities) are added here and marked `x-meterline`.
+"""
+import copy
+import json
+import sys
+
+PATHS = [
+    "/oauth/token",
+    "/organizations/{orgId}/accounts",
+    "/organizations/{orgId}/accounts/{id}",
+    "/organizations/{orgId}/accountplans",
+    "/organizations/{orgId}/accountplans/{id}",
+    "/organizations/{orgId}/aggregations",
+    "/organizations/{orgId}/aggregations/{id}",
+    "/organizations/{orgId}/balances",
+    "/organizations/{orgId}/balances/{id}",
+    "/organizations/{orgId}/balances/{balanceId}/transactions",
+    "/organizations/{orgId}/bills",
+    "/organizations/{orgId}/bills/{id}",
+    "/organizations/{orgId}/bills/{billId}/lineitems",
+    "/organizations/{orgId}/bills/{billId}/lineitems/{id}",
+    "/organizations/{orgId}/charges",
+    "/organizations/{orgId}/charges/{id}",
+    "/organizations/{orgId}/commitments",
+    "/organizations/{orgId}/commitments/{id}",
+    "/organizations/{orgId}/compoundaggregations",
+    "/organizations/{orgId}/compoundaggregations/{id}",
+    "/organizations/{orgId}/contracts",
+    "/organizations/{orgId}/contracts/{id}",
+    "/organizations/{orgId}/meters",
+    "/organizations/{orgId}/meters/{id}",
+    "/organizations/{orgId}/plans",
+    "/organizations/{orgId}/plans/{id}",
+    "/organizations/{orgId}/plangroups",
+    "/organizations/{orgId}/plangroups/{id}",
+    "/organizations/{orgId}/plangrouplinks",
+    "/organizations/{orgId}/plangrouplinks/{id}",
+    "/organizations/{orgId}/plantemplates",
+    "/organizations/{orgId}/plantemplates/{id}",
+    "/organizations/{orgId}/pricings",
+    "/organizations/{orgId}/pricings/{id}",
+    "/organizations/{orgId}/products",
+    "/organizations/{orgId}/products/{id}",
+    "/organizations/{orgId}/picklists/transactiontypes",
+    "/organizations/{orgId}/picklists/transactiontypes/{id}",
+    "/organizations/{orgId}/dataexports/destinations",
+    "/organizations/{orgId}/dataexports/destinations/{id}",
+    "/organizations/{orgId}/dataexports/schedules",
+    "/organizations/{orgId}/dataexports/schedules/{id}",
+    "/organizations/{orgId}/notifications/configurations",
+    "/organizations/{orgId}/notifications/configurations/{id}",
+    "/organizations/{orgId}/integrationdestinations/webhooks",
+    "/organizations/{orgId}/integrationdestinations/webhooks/{id}",
+    "/organizations/{orgId}/integrationconfigs",
+    "/organizations/{orgId}/integrationconfigs/{id}",
+    "/organizations/{orgId}/scheduledevents/configurations",
+    "/organizations/{orgId}/scheduledevents/configurations/{id}",
+]
+
+# Engine-computed entities that m3ter only lets you read: Meterline accepts
+# writes of them from the billing engine that computes them.
+ENGINE_WRITES = {
+    "/organizations/{orgId}/bills": ("post", "BillResponse", "Bill"),
+    "/organizations/{orgId}/bills/{id}": ("put", "BillResponse", "Bill"),
+    "/organizations/{orgId}/bills/{billId}/lineitems": ("post", "BillLineItemResponse", "BillLineItem"),
+    "/organizations/{orgId}/bills/{billId}/lineitems/{id}": ("put", "BillLineItemResponse", "BillLineItem"),
+    "/organizations/{orgId}/balances/{balanceId}/transactions/{id}": ("get", "BalanceTransactionResponse", "BalanceTransaction"),
+}
+
+
+# Meterline's own types, in the same document so one validator serves all.
+EXTRA_SCHEMAS = {
+    "MeterlineOrganization": {
+        "type": "object",
+        "description": "A Meterline organization: the tenant every other entity belongs to.",
+        "required": ["name"],
+        "properties": {
+            "version": {"type": "integer", "format": "int64"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "code": {"type": "string", "minLength": 1, "maxLength": 80},
+        },
+    },
+    "MeterlineServiceUser": {
+        "type": "object",
+        "description": "An automated API user of one organization; its access keys are issued separately.",
+        "required": ["name"],
+        "properties": {
+            "version": {"type": "integer", "format": "int64"},
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        },
+    },
+}
+
+
+def refs(node, out):
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/components/"):
+            out.add(tuple(ref.split("/")[2:4]))
+        for v in node.values():
+            refs(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            refs(v, out)
+
+
+def main():
+    src = json.load(open(sys.argv[1]))
+    paths = {p: copy.deepcopy(src["paths"][p]) for p in PATHS}
+    for p, (method, schema, name) in ENGINE_WRITES.items():
+        op = {
+            "tags": [name],
+            "summary": f"Write {name} (Meterline: from the billing engine)",
+            "operationId": f"MeterlineWrite{name}{method.title()}",
+            "x-meterline": True,
+            "responses": {
+                "200": {"description": name, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+                "4XX": {"$ref": "#/components/responses/Error"},
+            },
+        }
+        if method != "get":
+            op["requestBody"] = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}, "required": True}
+        paths.setdefault(p, {})[method] = op
+    doc = {
+        "openapi": src["openapi"],
+        "info": {
+            "title": "Meterline API",
+            "version": "0.1.0",
+            "description": "m3ter-compatible REST API served by the Meterline gateway. "
+            "Schemas are m3ter's; operations marked x-meterline are Meterline additions.",
+        },
+        "servers": [{"url": "/"}],
+        "security": src.get("security", []),
+        "paths": paths,
+        "components": {"securitySchemes": src["components"].get("securitySchemes", {})},
+    }
+    # Schemas every registry entry uses, even where no route names them.
+    seen = {("schemas", n) for n in ["AbstractResponse", "AbstractRequest", "ServiceUserResponse"]}
+    todo = set()
+    refs(paths, todo)
+    todo |= seen
+    while todo:
+        kind, name = todo.pop()
+        seen.add((kind, name))
+        node = src["components"][kind][name]
+        doc["components"].setdefault(kind, {})[name] = node
+        found = set()
+        refs(node, found)
+        todo |= found - seen
+    doc["components"]["schemas"].update(EXTRA_SCHEMAS)
+    for kind in doc["components"]:
+        doc["components"][kind] = dict(sorted(doc["components"][kind].items()))
+    json.dump(doc, sys.stdout, indent=1, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
