@@ -16,6 +16,7 @@ pub mod bus;
 pub mod codec;
 pub mod envelope;
 pub mod error;
+pub mod protocol;
 pub mod provision;
 pub mod registry;
 pub mod schema;

@@ -1,0 +1,86 @@
+//! Request and reply bodies of the entities service, shared by every caller
+//! (the gateway, bus producers, tests).
+//!
+//! | subject | body | reply |
+//! |---|---|---|
+//! | `svc.entities.<org>.<type>.create` | [`EntityRequest`] with `body` (and `parentId` for child types) | the entity |
+//! | `svc.entities.<org>.<type>.update` | `id`, `body` with the current `version` | the entity |
+//! | `svc.entities.<org>.<type>.delete` | `id` (and optionally `version`) | the deleted entity |
+//! | `svc.entities.<org>.<type>.get` | `id` | the entity |
+//! | `svc.entities.<org>.<type>.list` | `pageSize`, `nextToken`, `ids`, `codes`, `filters`, `parentId` | [`Page`] |
+//! | `svc.entities.<org>.serviceuser.credentials` | `id` of the service user | [`Credentials`] |
+//! | `svc.auth.verify` | [`VerifyRequest`] | [`Principal`] |
+//!
+//! Who is asking goes in the `Meterline-Actor` header. Errors come back in
+//! the micro-service error headers (see [`crate::bus`]) with the HTTP status
+//! as code.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The largest page a list returns.
+pub const MAX_PAGE_SIZE: u32 = 100;
+/// The page size when none is asked for (m3ter's default).
+pub const DEFAULT_PAGE_SIZE: u32 = 10;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EntityRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The parent's id for child collections (a bill's line items, a
+    /// balance's transactions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+    /// Expected current version, for delete (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<String>,
+    /// Equality filters on top-level fields, e.g. `accountId`.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub filters: Map<String, Value>,
+}
+
+/// One page of a list, as m3ter returns it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Page {
+    pub data: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+}
+
+/// A newly issued access key. The secret is shown once, here, and stored
+/// only as a hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Credentials {
+    pub org_id: String,
+    pub service_user_id: String,
+    pub access_key: String,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyRequest {
+    pub access_key: String,
+    pub secret: String,
+}
+
+/// Who a verified access key belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Principal {
+    pub org_id: String,
+    pub service_user_id: String,
+}
