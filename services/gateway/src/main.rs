@@ -1,0 +1,14 @@
+//! `meterline-gateway`: the HTTP edge. See the library docs.
+
+use meterline_gateway::{App, Settings};
+use meterline_shared::{settings, shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init("gateway");
+    let settings: Settings = settings::load("GATEWAY")?;
+    tracing::info!(?settings, "starting gateway");
+    let shutdown = shutdown::on_signals();
+    let app = App::build(settings).await?;
+    app.run_until_stopped(shutdown).await
+}
