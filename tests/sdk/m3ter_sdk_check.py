@@ -1,0 +1,302 @@
+"""Drives Meterline with m3ter's official Python SDK, as a customer would.
+
+The SDK is pointed at Meterline by its base URL and otherwise used as
+documented: it fetches its own bearer token from /oauth/token with the
+access key and secret (HTTP Basic), then calls the REST routes.
+
+Environment:
+    METERLINE_URL     gateway base URL, e.g. http://127.0.0.1:8080
+    METERLINE_ORG     organization id
+    METERLINE_KEY     service-user access key
+    METERLINE_SECRET  service-user secret
+
+Run with the SDK installed by `make tools`:
+    .tools/venv/bin/python tests/sdk/m3ter_sdk_check.py
+Exits 0 when every check passes; otherwise prints what differed and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import traceback
+from typing import Any, Callable, NoReturn
+
+try:
+    import m3ter
+    from m3ter import M3ter
+except ImportError:  # pragma: no cover - depends on the environment
+    print("m3ter SDK is not installed: run `make tools` and use .tools/venv/bin/python", file=sys.stderr)
+    sys.exit(2)
+
+
+class Mismatch(Exception):
+    """The server answered, but not as m3ter would."""
+
+
+PASSED: list[str] = []
+
+
+def fail(message: str) -> NoReturn:
+    raise Mismatch(message)
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        fail(message)
+
+
+def expect_eq(actual: Any, expected: Any, what: str) -> None:
+    if actual != expected:
+        fail(f"{what}: expected {expected!r}, got {actual!r}")
+
+
+def expect_raises(error: type[Exception], status: int, what: str, call: Callable[[], Any]) -> Exception:
+    try:
+        result = call()
+    except error as e:
+        code = getattr(e, "status_code", None)
+        expect_eq(code, status, f"{what}: HTTP status of {error.__name__}")
+        return e
+    except m3ter.APIStatusError as e:
+        fail(f"{what}: expected {error.__name__} ({status}), got {type(e).__name__} ({e.status_code}): {e.message}")
+    fail(f"{what}: expected {error.__name__} ({status}), but the call succeeded and returned {result!r}")
+
+
+def check(name: str) -> Callable[[Callable[[], Any]], Any]:
+    """Runs the decorated function now, as one named check."""
+
+    def run(fn: Callable[[], Any]) -> Any:
+        result = fn()
+        PASSED.append(name)
+        print(f"  ok  {name}")
+        return result
+
+    return run
+
+
+def env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        print(f"error: {name} is not set (source .run/dev.env after `make run`)", file=sys.stderr)
+        sys.exit(2)
+    return value
+
+
+def main() -> None:
+    base_url = env("METERLINE_URL")
+    org_id = env("METERLINE_ORG")
+    api_key = env("METERLINE_KEY")
+    api_secret = env("METERLINE_SECRET")
+
+    client = M3ter(api_key=api_key, api_secret=api_secret, org_id=org_id, base_url=base_url, timeout=30.0)
+    # For calls whose error is the point of the check: no retries (the SDK
+    # retries 409 by default, which would only slow the check down).
+    strict = client.with_options(max_retries=0)
+    # Unique per run, so the check can run again against the same org.
+    run = secrets.token_hex(4)
+    print(f"m3ter SDK {m3ter.__version__} against {base_url}, org {org_id}, run {run}")
+
+    @check("wrong secret is refused with AuthenticationError (401)")
+    def _() -> None:
+        bad = M3ter(
+            api_key=api_key, api_secret=api_secret + "x", org_id=org_id, base_url=base_url, max_retries=0
+        )
+        expect_raises(m3ter.AuthenticationError, 401, "token with a wrong secret", lambda: bad.products.list())
+
+    @check("create product")
+    def product() -> Any:
+        p = client.products.create(code=f"sdk_product_{run}", name="SDK check product")
+        expect(bool(p.id), "created product has no id")
+        expect_eq(p.code, f"sdk_product_{run}", "product code")
+        expect_eq(p.version, 1, "version of a new product")
+        return p
+
+    @check("create meter (dataFields, derivedFields)")
+    def meter() -> Any:
+        m = client.meters.create(
+            code=f"sdk_meter_{run}",
+            name="SDK check meter",
+            product_id=product.id,
+            data_fields=[
+                {"category": "MEASURE", "code": "bytes", "name": "Bytes", "unit": "By"},
+                {"category": "WHO", "code": "customer", "name": "Customer"},
+            ],
+            derived_fields=[
+                {"category": "MEASURE", "code": "gigabytes", "name": "Gigabytes", "unit": "GBy",
+                 "calculation": "bytes / 1000000000"},
+            ],
+        )
+        expect(bool(m.id), "created meter has no id")
+        expect_eq(m.product_id, product.id, "meter productId")
+        expect_eq([f.code for f in (m.data_fields or [])], ["bytes", "customer"], "meter dataFields codes")
+        expect_eq([f.code for f in (m.derived_fields or [])], ["gigabytes"], "meter derivedFields codes")
+        return m
+
+    @check("create account")
+    def account() -> Any:
+        a = client.accounts.create(
+            code=f"sdk_account_{run}", name="SDK check account", email_address="billing@example.com"
+        )
+        expect(bool(a.id), "created account has no id")
+        expect_eq(a.email_address, "billing@example.com", "account emailAddress")
+        expect_eq(a.version, 1, "version of a new account")
+        return a
+
+    @check("create plan template")
+    def plan_template() -> Any:
+        t = client.plan_templates.create(
+            name="SDK check template",
+            code=f"sdk_template_{run}",
+            product_id=product.id,
+            currency="USD",
+            bill_frequency="MONTHLY",
+            standing_charge=0,
+        )
+        expect(bool(t.id), "created plan template has no id")
+        expect_eq(t.product_id, product.id, "plan template productId")
+        return t
+
+    @check("create plan")
+    def plan() -> Any:
+        p = client.plans.create(code=f"sdk_plan_{run}", name="SDK check plan", plan_template_id=plan_template.id)
+        expect(bool(p.id), "created plan has no id")
+        expect_eq(p.plan_template_id, plan_template.id, "plan planTemplateId")
+        return p
+
+    @check("create account plan (account + plan)")
+    def account_plan() -> Any:
+        ap = client.account_plans.create(
+            account_id=account.id, plan_id=plan.id, start_date="2026-01-01T00:00:00Z"
+        )
+        expect(bool(ap.id), "created account plan has no id")
+        expect_eq(ap.account_id, account.id, "account plan accountId")
+        expect_eq(ap.plan_id, plan.id, "account plan planId")
+        return ap
+
+    @check("create commitment")
+    def commitment() -> Any:
+        c = client.commitments.create(
+            account_id=account.id,
+            amount=1200.0,
+            currency="USD",
+            start_date="2026-01-01",
+            end_date="2027-01-01",
+        )
+        expect(bool(c.id), "created commitment has no id")
+        expect_eq(c.account_id, account.id, "commitment accountId")
+        expect_eq(c.amount, 1200.0, "commitment amount")
+        return c
+
+    @check("retrieve each created entity")
+    def _() -> None:
+        for resource, created in [
+            (client.products, product),
+            (client.meters, meter),
+            (client.accounts, account),
+            (client.plan_templates, plan_template),
+            (client.plans, plan),
+            (client.account_plans, account_plan),
+            (client.commitments, commitment),
+        ]:
+            got = resource.retrieve(created.id)
+            expect_eq(got.id, created.id, f"retrieved {type(got).__name__} id")
+            expect_eq(got.version, created.version, f"retrieved {type(got).__name__} version")
+
+    @check("update account with its version")
+    def updated() -> Any:
+        u = client.accounts.update(
+            account.id,
+            code=account.code,
+            email_address=account.email_address,
+            name="SDK check account (renamed)",
+            version=account.version,
+        )
+        expect_eq(u.name, "SDK check account (renamed)", "updated account name")
+        expect_eq(u.version, account.version + 1, "version after update")
+        again = client.accounts.retrieve(account.id)
+        expect_eq((again.name, again.version), (u.name, u.version), "account read back after update")
+        return u
+
+    @check("update with a stale version raises ConflictError (409)")
+    def _() -> None:
+        expect_raises(
+            m3ter.ConflictError,
+            409,
+            "update with a stale version",
+            lambda: strict.accounts.update(
+                account.id,
+                code=account.code,
+                email_address=account.email_address,
+                name="lost update",
+                version=account.version,
+            ),
+        )
+        now = client.accounts.retrieve(account.id)
+        expect_eq(now.name, updated.name, "account name after a refused update")
+
+    @check("invalid body raises BadRequestError (400)")
+    def _() -> None:
+        expect_raises(
+            m3ter.BadRequestError,
+            400,
+            "meter without dataFields",
+            lambda: strict.meters.create(
+                code=f"sdk_bad_meter_{run}", name="no data fields", data_fields=[], derived_fields=[]
+            ),
+        )
+
+    @check("list with pageSize smaller than the count pages via nextToken")
+    def _() -> None:
+        codes = [f"sdk_page_{run}_{i}" for i in range(5)]
+        for c in codes:
+            client.accounts.create(code=c, name=f"SDK paging {c}", email_address="paging@example.com")
+        first = client.accounts.list(page_size=2)
+        expect_eq(len(first.data), 2, "items on the first page of size 2")
+        expect(bool(first.next_token), "first page of size 2 has no nextToken, though there are more accounts")
+        pages = list(first.iter_pages())
+        expect(len(pages) >= 4, f"expected at least 4 pages of 2 for 6+ accounts, got {len(pages)}")
+        for i, page in enumerate(pages):
+            expect(len(page.data) <= 2, f"page {i} has {len(page.data)} items, more than pageSize 2")
+        ids = [a.id for a in client.accounts.list(page_size=2)]  # the auto-paginating iterator
+        expect_eq(len(ids), len(set(ids)), "number of distinct ids across pages (an account repeated)")
+        seen = {a.code for a in client.accounts.list(page_size=2)}
+        missing = [c for c in codes + [account.code] if c not in seen]
+        expect(not missing, f"accounts missing from the paged list: {missing}")
+
+    @check("delete, then retrieve raises NotFoundError (404)")
+    def _() -> None:
+        for resource, created in [
+            (client.commitments, commitment),
+            (client.account_plans, account_plan),
+            (client.meters, meter),
+        ]:
+            resource.delete(created.id)
+            expect_raises(
+                m3ter.NotFoundError,
+                404,
+                f"retrieve a deleted {type(created).__name__}",
+                lambda: resource.retrieve(created.id),
+            )
+        listed = {m.id for m in client.meters.list(page_size=100)}
+        expect(meter.id not in listed, "a deleted meter is still listed")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Mismatch as e:
+        print(f"FAIL: {e}", file=sys.stderr)
+        print(f"m3ter SDK check: {len(PASSED)} passed, 1 failed", file=sys.stderr)
+        sys.exit(1)
+    except m3ter.APIStatusError as e:
+        print(f"FAIL: unexpected HTTP {e.status_code} from {e.request.method} {e.request.url}: {e.message}", file=sys.stderr)
+        print(f"response body: {e.body!r}", file=sys.stderr)
+        print(f"m3ter SDK check: {len(PASSED)} passed, 1 failed", file=sys.stderr)
+        sys.exit(1)
+    except Exception:  # noqa: BLE001 - any other failure is a failed check too
+        traceback.print_exc()
+        print(f"m3ter SDK check: {len(PASSED)} passed, 1 failed", file=sys.stderr)
+        sys.exit(1)
+    print(f"m3ter SDK check: {len(PASSED)} passed, 0 failed")
