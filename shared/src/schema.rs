@@ -129,9 +129,15 @@ pub fn validate(name: &str, value: &Value, opts: Options<'_>) -> Result<(), Vec<
     let (props, required) = flatten(name).unwrap_or_default();
     let mut allowed: BTreeSet<&str> = props.iter().map(|(k, _)| *k).collect();
     allowed.extend(opts.also_allowed.iter().copied());
+    // Fields only the other schemas know are still checked against them.
+    let mut extra: Vec<(&'static str, &'static Value)> = Vec::new();
     for other in opts.also_allowed_from {
         if let Some((p, _)) = flatten(other) {
-            allowed.extend(p.into_iter().map(|(k, _)| k));
+            for (k, node) in p {
+                if allowed.insert(k) {
+                    extra.push((k, node));
+                }
+            }
         }
     }
     for key in obj.keys() {
@@ -148,7 +154,7 @@ pub fn validate(name: &str, value: &Value, opts: Options<'_>) -> Result<(), Vec<
     }
     let _ = root;
     for (k, v) in obj {
-        if let Some((_, node)) = props.iter().find(|(name, _)| *name == k.as_str()) {
+        if let Some((_, node)) = props.iter().chain(extra.iter()).find(|(name, _)| *name == k.as_str()) {
             check(node, v, k, opts.enforce_required, &mut errors);
         }
     }
