@@ -234,7 +234,7 @@ pub async fn issue_token(
     )
     .await
     .map_err(|e| {
-        warn!(%access_key, code = ?e.code, message = %e.message, "token request refused");
+        warn!(%access_key, code = ?e.code, reason = %e.message, "token request refused");
         let oauth = if e.code == meterline_shared::ErrorCode::Unauthorized {
             Some("invalid_client")
         } else {

@@ -129,7 +129,7 @@ async fn call(
     let reply = bus::request(&app.inner.nats, subject.clone(), headers, payload.into())
         .await
         .map_err(|e| {
-            debug!(%subject, code = ?e.code, message = %e.message, "entities request failed");
+            debug!(%subject, code = ?e.code, reason = %e.message, "entities request failed");
             ApiError::from(e)
         })?;
     Ok((
