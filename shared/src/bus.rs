@@ -38,12 +38,14 @@ pub async fn request(
         .request_with_headers(subject.clone(), headers, payload)
         .await
         .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => {
-                ServiceError::unavailable(format!("no service is answering {}", service_of(&subject)))
-            }
-            async_nats::RequestErrorKind::TimedOut => {
-                ServiceError::unavailable(format!("{} did not answer in time", service_of(&subject)))
-            }
+            async_nats::RequestErrorKind::NoResponders => ServiceError::unavailable(format!(
+                "no service is answering {}",
+                service_of(&subject)
+            )),
+            async_nats::RequestErrorKind::TimedOut => ServiceError::unavailable(format!(
+                "{} did not answer in time",
+                service_of(&subject)
+            )),
             _ => ServiceError::unavailable(format!("request failed: {e}")),
         })?;
     if let Some(err) = error_of(msg.headers.as_ref()) {
@@ -55,8 +57,15 @@ pub async fn request(
 /// The [`ServiceError`] carried in a reply's headers, if any.
 pub fn error_of(headers: Option<&HeaderMap>) -> Option<ServiceError> {
     let h = headers?;
-    let code = h.get(ERROR_CODE_HEADER)?.as_str().parse::<usize>().unwrap_or(500);
-    let message = h.get(ERROR_HEADER).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    let code = h
+        .get(ERROR_CODE_HEADER)?
+        .as_str()
+        .parse::<usize>()
+        .unwrap_or(500);
+    let message = h
+        .get(ERROR_HEADER)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
     Some(ServiceError::new(ErrorCode::from_nats_code(code), message))
 }
 

@@ -27,7 +27,10 @@ impl Codec {
 
     /// The codec named by a message's headers; JSON when none is named.
     pub fn of(headers: Option<&HeaderMap>) -> Codec {
-        match headers.and_then(|h| h.get(CONTENT_TYPE)).map(|v| v.as_str()) {
+        match headers
+            .and_then(|h| h.get(CONTENT_TYPE))
+            .map(|v| v.as_str())
+        {
             Some(MSGPACK) => Codec::MsgPack,
             _ => Codec::Json,
         }

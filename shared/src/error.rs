@@ -94,7 +94,10 @@ pub struct ServiceError {
 
 impl ServiceError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ServiceError { code, message: message.into() }
+        ServiceError {
+            code,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -124,7 +127,10 @@ impl ServiceError {
 
 impl From<ServiceError> for async_nats::service::error::Error {
     fn from(e: ServiceError) -> Self {
-        async_nats::service::error::Error { code: e.code.nats_code(), status: e.message }
+        async_nats::service::error::Error {
+            code: e.code.nats_code(),
+            status: e.message,
+        }
     }
 }
 

@@ -50,8 +50,15 @@ pub fn entities() -> Config {
 pub fn events() -> Config {
     Config {
         name: EVENTS_STREAM.into(),
-        description: Some("Meterline events: entity mutations (sourced) and other events, 28 days".into()),
-        subjects: vec!["evt.*.ingest.>".into(), "evt.*.dataexport.>".into(), "evt.*.integration.>".into(), "evt.*.scheduled.>".into()],
+        description: Some(
+            "Meterline events: entity mutations (sourced) and other events, 28 days".into(),
+        ),
+        subjects: vec![
+            "evt.*.ingest.>".into(),
+            "evt.*.dataexport.>".into(),
+            "evt.*.integration.>".into(),
+            "evt.*.scheduled.>".into(),
+        ],
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         max_age: 28 * DAY,
@@ -80,9 +87,15 @@ fn fingerprint(config: &Config) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error("stream {name}: {source}")]
-    Stream { name: String, source: async_nats::Error },
+    Stream {
+        name: String,
+        source: async_nats::Error,
+    },
     #[error("stream {name} exists with another configuration and cannot be updated to this one: {source}")]
-    Update { name: String, source: async_nats::Error },
+    Update {
+        name: String,
+        source: async_nats::Error,
+    },
 }
 
 /// What [`ensure_stream`] did.
@@ -95,25 +108,35 @@ pub enum Outcome {
 
 /// Creates the stream, or updates it if its configuration differs from
 /// `desired`. Safe to call from every replica at every start.
-pub async fn ensure_stream(js: &jetstream::Context, desired: Config) -> Result<Outcome, ProvisionError> {
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    desired: Config,
+) -> Result<Outcome, ProvisionError> {
     let name = desired.name.clone();
     let mut desired = desired;
     let hash = fingerprint(&desired);
     desired.metadata.insert(META_CONFIG.into(), hash.clone());
-    desired.metadata.insert(META_VERSION.into(), PROVISION_VERSION.into());
+    desired
+        .metadata
+        .insert(META_VERSION.into(), PROVISION_VERSION.into());
     match js.get_stream(&name).await {
         Ok(mut stream) => {
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| ProvisionError::Stream { name: name.clone(), source: e.into() })?;
+            let info = stream.info().await.map_err(|e| ProvisionError::Stream {
+                name: name.clone(),
+                source: e.into(),
+            })?;
             let current = &info.config.metadata;
-            if current.get(META_CONFIG) == Some(&hash) && current.get(META_VERSION).map(String::as_str) == Some(PROVISION_VERSION) {
+            if current.get(META_CONFIG) == Some(&hash)
+                && current.get(META_VERSION).map(String::as_str) == Some(PROVISION_VERSION)
+            {
                 return Ok(Outcome::Unchanged);
             }
             js.update_stream(desired)
                 .await
-                .map_err(|e| ProvisionError::Update { name: name.clone(), source: e.into() })?;
+                .map_err(|e| ProvisionError::Update {
+                    name: name.clone(),
+                    source: e.into(),
+                })?;
             tracing::info!(stream = %name, config = %hash, "stream configuration updated");
             Ok(Outcome::Updated)
         }
@@ -125,7 +148,10 @@ pub async fn ensure_stream(js: &jetstream::Context, desired: Config) -> Result<O
             // Another replica created it first: check it is ours.
             Err(e) => match js.get_stream(&name).await {
                 Ok(_) => Box::pin(ensure_stream(js, desired)).await,
-                Err(_) => Err(ProvisionError::Stream { name, source: e.into() }),
+                Err(_) => Err(ProvisionError::Stream {
+                    name,
+                    source: e.into(),
+                }),
             },
         },
     }
@@ -164,7 +190,10 @@ pub async fn ensure_kv(
             Err(e) => js
                 .get_key_value(&name)
                 .await
-                .map_err(|_| ProvisionError::Stream { name: format!("KV_{name}"), source: e.into() }),
+                .map_err(|_| ProvisionError::Stream {
+                    name: format!("KV_{name}"),
+                    source: e.into(),
+                }),
         },
     }
 }

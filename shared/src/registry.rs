@@ -49,11 +49,21 @@ pub struct Reference {
 }
 
 const fn r(field: &'static str, target: &'static str) -> Reference {
-    Reference { field, target, many: false, when: None }
+    Reference {
+        field,
+        target,
+        many: false,
+        when: None,
+    }
 }
 
 const fn rs(field: &'static str, target: &'static str) -> Reference {
-    Reference { field, target, many: true, when: None }
+    Reference {
+        field,
+        target,
+        many: true,
+        when: None,
+    }
 }
 
 /// A child collection: the parent's id comes from the path and is stored in
@@ -106,7 +116,13 @@ impl EntityType {
 
 use Category::{Billing, Configuration};
 
-const fn entity(name: &'static str, category: Category, path: &'static str, request: &'static str, response: &'static str) -> EntityType {
+const fn entity(
+    name: &'static str,
+    category: Category,
+    path: &'static str,
+    request: &'static str,
+    response: &'static str,
+) -> EntityType {
     EntityType {
         name,
         category,
@@ -131,7 +147,13 @@ pub static REGISTRY: &[EntityType] = &[
         date_fields: &["billEpoch", "dtCreated", "dtLastModified"],
         export_type: Some("ACCOUNTS"),
         unique_code: true,
-        ..entity("account", Configuration, "accounts", "AccountRequest", "AccountResponse")
+        ..entity(
+            "account",
+            Configuration,
+            "accounts",
+            "AccountRequest",
+            "AccountResponse",
+        )
     },
     EntityType {
         references: &[
@@ -142,24 +164,49 @@ pub static REGISTRY: &[EntityType] = &[
         ],
         date_fields: &["startDate", "endDate", "billEpoch"],
         export_type: Some("ACCOUNT_PLANS"),
-        ..entity("accountplan", Configuration, "accountplans", "AccountPlanRequest", "AccountPlanResponse")
+        ..entity(
+            "accountplan",
+            Configuration,
+            "accountplans",
+            "AccountPlanRequest",
+            "AccountPlanResponse",
+        )
     },
     EntityType {
         references: &[r("meterId", "meter")],
         export_type: Some("AGGREGATIONS"),
         unique_code: true,
-        ..entity("aggregation", Configuration, "aggregations", "AggregationRequest", "AggregationResponse")
+        ..entity(
+            "aggregation",
+            Configuration,
+            "aggregations",
+            "AggregationRequest",
+            "AggregationResponse",
+        )
     },
     EntityType {
-        references: &[r("accountId", "account"), r("contractId", "contract"), rs("productIds", "product")],
+        references: &[
+            r("accountId", "account"),
+            r("contractId", "contract"),
+            rs("productIds", "product"),
+        ],
         date_fields: &["startDate", "endDate", "rolloverEndDate"],
         export_type: Some("BALANCES"),
         engine_fields: &["amount"],
         unique_code: true,
-        ..entity("balance", Billing, "balances", "BalanceRequest", "BalanceResponse")
+        ..entity(
+            "balance",
+            Billing,
+            "balances",
+            "BalanceRequest",
+            "BalanceResponse",
+        )
     },
     EntityType {
-        parent: Some(Parent { field: "balanceId", target: "balance" }),
+        parent: Some(Parent {
+            field: "balanceId",
+            target: "balance",
+        }),
         references: &[r("transactionTypeId", "transactiontype")],
         date_fields: &["appliedDate", "transactionDate"],
         export_type: Some("BALANCE_TRANSACTIONS"),
@@ -173,28 +220,59 @@ pub static REGISTRY: &[EntityType] = &[
     },
     EntityType {
         references: &[r("accountId", "account")],
-        date_fields: &["billDate", "dueDate", "startDate", "endDate", "externalInvoiceDate"],
+        date_fields: &[
+            "billDate",
+            "dueDate",
+            "startDate",
+            "endDate",
+            "externalInvoiceDate",
+        ],
         export_type: Some("BILLS"),
         ..entity("bill", Billing, "bills", "BillResponse", "BillResponse")
     },
     EntityType {
-        parent: Some(Parent { field: "billId", target: "bill" }),
+        parent: Some(Parent {
+            field: "billId",
+            target: "bill",
+        }),
         date_fields: &["servicePeriodStartDate", "servicePeriodEndDate"],
         export_type: Some("BILL_LINE_ITEMS"),
-        ..entity("billlineitem", Billing, "bills/{billId}/lineitems", "BillLineItemResponse", "BillLineItemResponse")
+        ..entity(
+            "billlineitem",
+            Billing,
+            "bills/{billId}/lineitems",
+            "BillLineItemResponse",
+            "BillLineItemResponse",
+        )
     },
     EntityType {
         references: &[r("accountId", "account"), r("contractId", "contract")],
         date_fields: &["billDate", "servicePeriodStartDate", "servicePeriodEndDate"],
         export_type: Some("CHARGES"),
-        ..entity("charge", Billing, "charges", "ChargeRequest", "ChargeResponse")
+        ..entity(
+            "charge",
+            Billing,
+            "charges",
+            "ChargeRequest",
+            "ChargeResponse",
+        )
     },
     EntityType {
-        references: &[r("accountId", "account"), r("contractId", "contract"), rs("productIds", "product")],
+        references: &[
+            r("accountId", "account"),
+            r("contractId", "contract"),
+            rs("productIds", "product"),
+        ],
         date_fields: &["startDate", "endDate", "billEpoch"],
         export_type: Some("COMMITMENTS"),
         engine_fields: &["amountSpent"],
-        ..entity("commitment", Configuration, "commitments", "CommitmentRequest", "CommitmentResponse")
+        ..entity(
+            "commitment",
+            Configuration,
+            "commitments",
+            "CommitmentRequest",
+            "CommitmentResponse",
+        )
     },
     EntityType {
         references: &[r("productId", "product")],
@@ -213,36 +291,75 @@ pub static REGISTRY: &[EntityType] = &[
         date_fields: &["startDate", "endDate"],
         export_type: Some("CONTRACTS"),
         unique_code: true,
-        ..entity("contract", Configuration, "contracts", "ContractRequest", "ContractResponse")
+        ..entity(
+            "contract",
+            Configuration,
+            "contracts",
+            "ContractRequest",
+            "ContractResponse",
+        )
     },
     EntityType {
         references: &[r("productId", "product")],
         export_type: Some("METERS"),
         unique_code: true,
-        ..entity("meter", Configuration, "meters", "MeterRequest", "MeterResponse")
+        ..entity(
+            "meter",
+            Configuration,
+            "meters",
+            "MeterRequest",
+            "MeterResponse",
+        )
     },
     EntityType {
-        references: &[r("planTemplateId", "plantemplate"), r("accountId", "account")],
+        references: &[
+            r("planTemplateId", "plantemplate"),
+            r("accountId", "account"),
+        ],
         export_type: Some("PLANS"),
         unique_code: true,
-        ..entity("plan", Configuration, "plans", "PlanRequest", "PlanResponse")
+        ..entity(
+            "plan",
+            Configuration,
+            "plans",
+            "PlanRequest",
+            "PlanResponse",
+        )
     },
     EntityType {
         references: &[r("accountId", "account")],
         export_type: Some("PLAN_GROUPS"),
         unique_code: true,
-        ..entity("plangroup", Configuration, "plangroups", "PlanGroupRequest", "PlanGroupResponse")
+        ..entity(
+            "plangroup",
+            Configuration,
+            "plangroups",
+            "PlanGroupRequest",
+            "PlanGroupResponse",
+        )
     },
     EntityType {
         references: &[r("planGroupId", "plangroup"), r("planId", "plan")],
         export_type: Some("PLAN_GROUP_LINKS"),
-        ..entity("plangrouplink", Configuration, "plangrouplinks", "PlanGroupLinkRequest", "PlanGroupLinkResponse")
+        ..entity(
+            "plangrouplink",
+            Configuration,
+            "plangrouplinks",
+            "PlanGroupLinkRequest",
+            "PlanGroupLinkResponse",
+        )
     },
     EntityType {
         references: &[r("productId", "product")],
         export_type: Some("PLAN_TEMPLATES"),
         unique_code: true,
-        ..entity("plantemplate", Configuration, "plantemplates", "PlanTemplateRequest", "PlanTemplateResponse")
+        ..entity(
+            "plantemplate",
+            Configuration,
+            "plantemplates",
+            "PlanTemplateRequest",
+            "PlanTemplateResponse",
+        )
     },
     EntityType {
         references: &[
@@ -253,12 +370,24 @@ pub static REGISTRY: &[EntityType] = &[
         ],
         date_fields: &["startDate", "endDate"],
         export_type: Some("PRICING"),
-        ..entity("pricing", Configuration, "pricings", "PricingRequest", "PricingResponse")
+        ..entity(
+            "pricing",
+            Configuration,
+            "pricings",
+            "PricingRequest",
+            "PricingResponse",
+        )
     },
     EntityType {
         export_type: Some("PRODUCTS"),
         unique_code: true,
-        ..entity("product", Configuration, "products", "ProductRequest", "ProductResponse")
+        ..entity(
+            "product",
+            Configuration,
+            "products",
+            "ProductRequest",
+            "ProductResponse",
+        )
     },
     EntityType {
         export_type: Some("TRANSACTION_TYPES"),
@@ -330,7 +459,12 @@ pub static REGISTRY: &[EntityType] = &[
     },
     EntityType {
         references: &[
-            Reference { field: "destinationId", target: "webhook", many: false, when: Some(("destination", "webhook")) },
+            Reference {
+                field: "destinationId",
+                target: "webhook",
+                many: false,
+                when: Some(("destination", "webhook")),
+            },
             Reference {
                 field: "entityId",
                 target: "notificationrule",
@@ -338,7 +472,11 @@ pub static REGISTRY: &[EntityType] = &[
                 when: Some(("entityType", "notification")),
             },
         ],
-        secrets: &["credentials.secret", "credentials.password", "credentials.clientSecret"],
+        secrets: &[
+            "credentials.secret",
+            "credentials.password",
+            "credentials.clientSecret",
+        ],
         ..entity(
             "integrationconfig",
             Configuration,
@@ -358,11 +496,23 @@ pub static REGISTRY: &[EntityType] = &[
     },
     EntityType {
         http: false,
-        ..entity("organization", Configuration, "", "MeterlineOrganization", "MeterlineOrganization")
+        ..entity(
+            "organization",
+            Configuration,
+            "",
+            "MeterlineOrganization",
+            "MeterlineOrganization",
+        )
     },
     EntityType {
         http: false,
-        ..entity("serviceuser", Configuration, "", "MeterlineServiceUser", "ServiceUserResponse")
+        ..entity(
+            "serviceuser",
+            Configuration,
+            "",
+            "MeterlineServiceUser",
+            "ServiceUserResponse",
+        )
     },
 ];
 
@@ -396,11 +546,21 @@ mod tests {
         }
         for t in REGISTRY {
             for rf in t.references {
-                assert!(get(rf.target).is_some(), "{}.{} -> {}", t.name, rf.field, rf.target);
+                assert!(
+                    get(rf.target).is_some(),
+                    "{}.{} -> {}",
+                    t.name,
+                    rf.field,
+                    rf.target
+                );
             }
             if let Some(p) = t.parent {
                 assert!(get(p.target).is_some());
-                assert!(t.path.contains(&format!("{{{}}}", p.field)), "{} path lacks parent", t.name);
+                assert!(
+                    t.path.contains(&format!("{{{}}}", p.field)),
+                    "{} path lacks parent",
+                    t.name
+                );
             }
         }
     }
@@ -408,7 +568,13 @@ mod tests {
     #[test]
     fn event_names_follow_m3ter() {
         use crate::envelope::Action;
-        assert_eq!(get("account").unwrap().event_name(Action::Created), "configuration.account.created");
-        assert_eq!(get("bill").unwrap().event_name(Action::Deleted), "billing.bill.deleted");
+        assert_eq!(
+            get("account").unwrap().event_name(Action::Created),
+            "configuration.account.created"
+        );
+        assert_eq!(
+            get("bill").unwrap().event_name(Action::Deleted),
+            "billing.bill.deleted"
+        );
     }
 }

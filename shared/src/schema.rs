@@ -17,8 +17,9 @@ use serde_json::{Map, Value};
 /// The OpenAPI document the gateway serves, as text.
 pub const OPENAPI_JSON: &str = include_str!("../openapi/meterline.json");
 
-static DOC: LazyLock<Value> =
-    LazyLock::new(|| serde_json::from_str(OPENAPI_JSON).expect("embedded OpenAPI document is valid JSON"));
+static DOC: LazyLock<Value> = LazyLock::new(|| {
+    serde_json::from_str(OPENAPI_JSON).expect("embedded OpenAPI document is valid JSON")
+});
 
 static PATTERNS: LazyLock<Mutex<HashMap<String, Option<Regex>>>> = LazyLock::new(Default::default);
 
@@ -45,9 +46,12 @@ fn resolve(node: &'static Value) -> &'static Value {
     node
 }
 
+/// Property names and their schema nodes, in document order.
+pub type Properties = Vec<(&'static str, &'static Value)>;
+
 /// A schema's properties (following `$ref` and `allOf`), in document order,
 /// and its required fields.
-pub fn flatten(name: &str) -> Option<(Vec<(&'static str, &'static Value)>, BTreeSet<&'static str>)> {
+pub fn flatten(name: &str) -> Option<(Properties, BTreeSet<&'static str>)> {
     let root = schema(name)?;
     let mut props: Vec<(&'static str, &'static Value)> = Vec::new();
     let mut required = BTreeSet::new();
@@ -81,7 +85,9 @@ fn collect(
 
 /// Export columns of an entity type: its response schema's properties.
 pub fn columns(response_schema: &str) -> Vec<&'static str> {
-    flatten(response_schema).map(|(p, _)| p.into_iter().map(|(k, _)| k).collect()).unwrap_or_default()
+    flatten(response_schema)
+        .map(|(p, _)| p.into_iter().map(|(k, _)| k).collect())
+        .unwrap_or_default()
 }
 
 /// Translates a pattern written for `java.util.regex` into one the `regex`
@@ -154,11 +160,19 @@ pub fn validate(name: &str, value: &Value, opts: Options<'_>) -> Result<(), Vec<
     }
     let _ = root;
     for (k, v) in obj {
-        if let Some((_, node)) = props.iter().chain(extra.iter()).find(|(name, _)| *name == k.as_str()) {
+        if let Some((_, node)) = props
+            .iter()
+            .chain(extra.iter())
+            .find(|(name, _)| *name == k.as_str())
+        {
             check(node, v, k, opts.enforce_required, &mut errors);
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 fn type_matches(ty: &str, v: &Value) -> bool {
@@ -173,7 +187,13 @@ fn type_matches(ty: &str, v: &Value) -> bool {
     }
 }
 
-fn check(node: &'static Value, v: &Value, path: &str, enforce_required: bool, errors: &mut Vec<String>) {
+fn check(
+    node: &'static Value,
+    v: &Value,
+    path: &str,
+    enforce_required: bool,
+    errors: &mut Vec<String>,
+) {
     let node = resolve(node);
     if v.is_null() {
         return;
@@ -262,7 +282,9 @@ fn check_string(node: &Value, s: &str, path: &str, errors: &mut Vec<String>) {
     }
     if let Some(p) = node.get("pattern").and_then(Value::as_str) {
         if !pattern_matches(p, s) {
-            errors.push(format!("{path}: has characters or a form that is not allowed"));
+            errors.push(format!(
+                "{path}: has characters or a form that is not allowed"
+            ));
         }
     }
     match node.get("format").and_then(Value::as_str) {
@@ -270,7 +292,9 @@ fn check_string(node: &Value, s: &str, path: &str, errors: &mut Vec<String>) {
             errors.push(format!("{path}: must be a date like 2024-01-31"));
         }
         Some("date-time") if !is_date_time(s) => {
-            errors.push(format!("{path}: must be an ISO-8601 date-time like 2024-01-31T00:00:00Z"));
+            errors.push(format!(
+                "{path}: must be an ISO-8601 date-time like 2024-01-31T00:00:00Z"
+            ));
         }
         Some("email") if !is_email(s) => {
             errors.push(format!("{path}: must be an email address"));
@@ -290,7 +314,10 @@ pub fn is_date_time(s: &str) -> bool {
 fn is_email(s: &str) -> bool {
     match s.split_once('@') {
         Some((local, domain)) => {
-            !local.is_empty() && !domain.is_empty() && !s.chars().any(char::is_whitespace) && !domain.contains('@')
+            !local.is_empty()
+                && !domain.is_empty()
+                && !s.chars().any(char::is_whitespace)
+                && !domain.contains('@')
         }
         None => false,
     }
@@ -340,7 +367,10 @@ mod tests {
     use serde_json::json;
 
     fn strict() -> Options<'static> {
-        Options { enforce_required: true, ..Default::default() }
+        Options {
+            enforce_required: true,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -384,7 +414,10 @@ mod tests {
 
         let errs = validate("AccountRequest", &json!({"name": "Acme"}), strict()).unwrap_err();
         assert!(errs.iter().any(|e| e == "code: is required"), "{errs:?}");
-        assert!(errs.iter().any(|e| e == "emailAddress: is required"), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e == "emailAddress: is required"),
+            "{errs:?}"
+        );
 
         let long = json!({"name": "A", "code": "c".repeat(81), "emailAddress": "a@b.c"});
         let errs = validate("AccountRequest", &long, strict()).unwrap_err();
@@ -402,7 +435,11 @@ mod tests {
     fn response_fields_can_be_allowed_for_round_trips() {
         let body = json!({"name": "A", "code": "c", "emailAddress": "a@b.c", "dtCreated": "2024-01-01T00:00:00Z"});
         assert!(validate("AccountRequest", &body, strict()).is_err());
-        let opts = Options { enforce_required: true, also_allowed_from: &["AccountResponse"], also_allowed: &[] };
+        let opts = Options {
+            enforce_required: true,
+            also_allowed_from: &["AccountResponse"],
+            also_allowed: &[],
+        };
         validate("AccountRequest", &body, opts).unwrap();
     }
 

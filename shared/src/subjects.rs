@@ -21,7 +21,9 @@ pub const MAX_TOKEN_LEN: usize = 128;
 /// characters. `what` names the value in the error message.
 pub fn validate_token(what: &str, value: &str) -> Result<(), ServiceError> {
     if value.is_empty() {
-        return Err(ServiceError::bad_request(format!("{what} must not be empty")));
+        return Err(ServiceError::bad_request(format!(
+            "{what} must not be empty"
+        )));
     }
     if value.len() > MAX_TOKEN_LEN {
         return Err(ServiceError::bad_request(format!(
@@ -99,10 +101,25 @@ mod tests {
 
     #[test]
     fn tokens_with_subject_characters_are_rejected() {
-        for bad in ["a.b", "a*", ">", "a b", "a\tb", "", "x\u{7}", &"x".repeat(129)] {
+        for bad in [
+            "a.b",
+            "a*",
+            ">",
+            "a b",
+            "a\tb",
+            "",
+            "x\u{7}",
+            &"x".repeat(129),
+        ] {
             assert!(validate_token("id", bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["01J9ZQ", "acme-corp", "org_1", "ÄÖÜ", "3f2b5c1e-7a1d-4c55-9a3e-1b2c3d4e5f60"] {
+        for good in [
+            "01J9ZQ",
+            "acme-corp",
+            "org_1",
+            "ÄÖÜ",
+            "3f2b5c1e-7a1d-4c55-9a3e-1b2c3d4e5f60",
+        ] {
             validate_token("id", good).unwrap();
         }
     }

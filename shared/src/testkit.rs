@@ -22,7 +22,10 @@ pub struct NatsServer {
 
 fn workspace_root() -> PathBuf {
     // shared/ is one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Where the `nats-server` binary is.
@@ -40,7 +43,10 @@ pub fn nats_server_bin() -> PathBuf {
 impl NatsServer {
     /// Starts a fresh server with JetStream in a new temp dir.
     pub fn start() -> NatsServer {
-        let dir = tempfile::Builder::new().prefix("meterline-nats-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("meterline-nats-")
+            .tempdir()
+            .expect("temp dir");
         Self::start_in(dir, None)
     }
 
@@ -77,8 +83,17 @@ impl NatsServer {
                 )
             });
         let url = read_ports_file(&ports_dir, child.id());
-        let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in ports file");
-        NatsServer { child: Some(child), dir, url, port }
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in ports file");
+        NatsServer {
+            child: Some(child),
+            dir,
+            url,
+            port,
+        }
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -96,7 +111,9 @@ impl NatsServer {
 
     /// A connected client.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(&self.url).await.expect("connect to test nats-server")
+        async_nats::connect(&self.url)
+            .await
+            .expect("connect to test nats-server")
     }
 
     /// Stops the server (as a crash would: SIGKILL) and starts it again on
@@ -123,7 +140,11 @@ fn read_ports_file(dir: &Path, pid: u32) -> String {
                 }
             }
         }
-        assert!(Instant::now() < deadline, "nats-server did not write {} in time", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "nats-server did not write {} in time",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -148,7 +169,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

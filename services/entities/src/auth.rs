@@ -2,7 +2,9 @@
 //! argon2 hashes, in the `credentials` KV bucket (never in `ENTITIES`, so
 //! never in `EVENTS` or exports).
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use async_nats::jetstream::kv;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -43,11 +45,22 @@ impl Auth {
 
     /// Issues a new access key for a live service user. The secret is in the
     /// reply only.
-    pub async fn issue(&self, org: &str, service_user_id: &str) -> Result<Credentials, ServiceError> {
+    pub async fn issue(
+        &self,
+        org: &str,
+        service_user_id: &str,
+    ) -> Result<Credentials, ServiceError> {
         validate_token("orgId", org)?;
         validate_token("id", service_user_id)?;
-        if self.store.live(org, "serviceuser", service_user_id).await?.is_none() {
-            return Err(ServiceError::not_found(format!("service user {service_user_id:?} does not exist")));
+        if self
+            .store
+            .live(org, "serviceuser", service_user_id)
+            .await?
+            .is_none()
+        {
+            return Err(ServiceError::not_found(format!(
+                "service user {service_user_id:?} does not exist"
+            )));
         }
         let access_key = format!("mlk{}", ulid::Ulid::new().to_string().to_ascii_lowercase());
         let mut raw = [0u8; 32];
@@ -57,7 +70,9 @@ impl Auth {
             let secret = secret.clone();
             tokio::task::spawn_blocking(move || {
                 let salt = SaltString::generate(&mut OsRng);
-                Argon2::default().hash_password(secret.as_bytes(), &salt).map(|h| h.to_string())
+                Argon2::default()
+                    .hash_password(secret.as_bytes(), &salt)
+                    .map(|h| h.to_string())
             })
             .await
             .map_err(ServiceError::internal)?
@@ -70,11 +85,15 @@ impl Auth {
             created_at: chrono::Utc::now().to_rfc3339(),
         };
         let value = Bytes::from(serde_json::to_vec(&stored).map_err(ServiceError::internal)?);
-        self.kv
-            .create(&access_key, value)
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("storing the access key failed: {e}")))?;
-        Ok(Credentials { org_id: org.to_owned(), service_user_id: service_user_id.to_owned(), access_key, secret })
+        self.kv.create(&access_key, value).await.map_err(|e| {
+            ServiceError::unavailable(format!("storing the access key failed: {e}"))
+        })?;
+        Ok(Credentials {
+            org_id: org.to_owned(),
+            service_user_id: service_user_id.to_owned(),
+            access_key,
+            secret,
+        })
     }
 
     /// Checks an access key and secret; 401 for anything wrong, without
@@ -84,22 +103,39 @@ impl Auth {
         if !valid_access_key(&req.access_key) || req.secret.is_empty() || req.secret.len() > 256 {
             return Err(denied());
         }
-        let Some(bytes) = self.kv.get(&req.access_key).await.map_err(|e| ServiceError::unavailable(e.to_string()))? else {
+        let Some(bytes) = self
+            .kv
+            .get(&req.access_key)
+            .await
+            .map_err(|e| ServiceError::unavailable(e.to_string()))?
+        else {
             return Err(denied());
         };
         let stored: StoredKey = serde_json::from_slice(&bytes).map_err(ServiceError::internal)?;
         let hash = stored.secret_hash.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(req.secret.as_bytes(), &h).is_ok())
+            PasswordHash::new(&hash).is_ok_and(|h| {
+                Argon2::default()
+                    .verify_password(req.secret.as_bytes(), &h)
+                    .is_ok()
+            })
         })
         .await
         .map_err(ServiceError::internal)?;
         if !ok {
             return Err(denied());
         }
-        if self.store.live(&stored.org_id, "serviceuser", &stored.service_user_id).await?.is_none() {
+        if self
+            .store
+            .live(&stored.org_id, "serviceuser", &stored.service_user_id)
+            .await?
+            .is_none()
+        {
             return Err(denied());
         }
-        Ok(Principal { org_id: stored.org_id, service_user_id: stored.service_user_id })
+        Ok(Principal {
+            org_id: stored.org_id,
+            service_user_id: stored.service_user_id,
+        })
     }
 }

@@ -36,7 +36,8 @@ struct Claim {
 pub fn bucket_config() -> kv::Config {
     kv::Config {
         bucket: BUCKET.into(),
-        description: "Meterline unique-code reservations: hash(org, type, code) -> entity id".into(),
+        description: "Meterline unique-code reservations: hash(org, type, code) -> entity id"
+            .into(),
         history: 1,
         storage: async_nats::jetstream::stream::StorageType::File,
         ..Default::default()
@@ -49,11 +50,21 @@ fn key(org: &str, ty: &str, code: &str) -> String {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    h.finalize().iter().take(20).map(|b| format!("{b:02x}")).collect()
+    h.finalize()
+        .iter()
+        .take(20)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn claim(id: &str) -> Bytes {
-    Bytes::from(serde_json::to_vec(&Claim { id: id.to_owned(), at: chrono::Utc::now().timestamp_millis() }).unwrap_or_default())
+    Bytes::from(
+        serde_json::to_vec(&Claim {
+            id: id.to_owned(),
+            at: chrono::Utc::now().timestamp_millis(),
+        })
+        .unwrap_or_default(),
+    )
 }
 
 fn taken(ty: &str, code: &str, holder: &str) -> ServiceError {
@@ -66,15 +77,31 @@ impl Codes {
     }
 
     /// Reserves `code` for entity `id`, or fails with 409 naming the holder.
-    pub async fn reserve(&self, store: &Store, org: &str, ty: &str, code: &str, id: &str) -> Result<(), ServiceError> {
+    pub async fn reserve(
+        &self,
+        store: &Store,
+        org: &str,
+        ty: &str,
+        code: &str,
+        id: &str,
+    ) -> Result<(), ServiceError> {
         let k = key(org, ty, code);
         for _ in 0..5 {
             match self.kv.create(&k, claim(id)).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Err(ServiceError::unavailable(format!("reserving a code failed: {e}"))),
+                Err(e) => {
+                    return Err(ServiceError::unavailable(format!(
+                        "reserving a code failed: {e}"
+                    )))
+                }
             }
-            let Some(entry) = self.kv.entry(&k).await.map_err(|e| ServiceError::unavailable(e.to_string()))? else {
+            let Some(entry) = self
+                .kv
+                .entry(&k)
+                .await
+                .map_err(|e| ServiceError::unavailable(e.to_string()))?
+            else {
                 continue;
             };
             let Ok(held) = serde_json::from_slice::<Claim>(&entry.value) else {
@@ -88,7 +115,12 @@ impl Codes {
                 return Ok(());
             }
             match store.live(org, ty, &held.id).await? {
-                Some(v) if v.live().and_then(|s| s.get("code")).and_then(|c| c.as_str()) == Some(code) => {
+                Some(v)
+                    if v.live()
+                        .and_then(|s| s.get("code"))
+                        .and_then(|c| c.as_str())
+                        == Some(code) =>
+                {
                     return Err(taken(ty, code, &held.id));
                 }
                 Some(_) => {}
@@ -104,7 +136,9 @@ impl Codes {
                 return Ok(());
             }
         }
-        Err(ServiceError::conflict(format!("code {code:?} is contended; retry")))
+        Err(ServiceError::conflict(format!(
+            "code {code:?} is contended; retry"
+        )))
     }
 
     /// Gives up `id`'s reservation of `code`. Failures only leave a stale
@@ -113,7 +147,11 @@ impl Codes {
         let k = key(org, ty, code);
         if let Ok(Some(entry)) = self.kv.entry(&k).await {
             if serde_json::from_slice::<Claim>(&entry.value).is_ok_and(|c| c.id == id) {
-                if let Err(e) = self.kv.delete_expect_revision(&k, Some(entry.revision)).await {
+                if let Err(e) = self
+                    .kv
+                    .delete_expect_revision(&k, Some(entry.revision))
+                    .await
+                {
                     tracing::debug!(error = %e, "code release lost a race; left for takeover");
                 }
             }

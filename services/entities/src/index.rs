@@ -38,7 +38,10 @@ pub struct Index {
 
 impl Default for Index {
     fn default() -> Self {
-        Index { inner: RwLock::new(Inner::default()), caught_up: watch::channel(0).0 }
+        Index {
+            inner: RwLock::new(Inner::default()),
+            caught_up: watch::channel(0).0,
+        }
     }
 }
 
@@ -53,7 +56,10 @@ impl Index {
             return;
         }
         inner.applied.insert(key, seq);
-        let map = inner.by_type.entry((org.to_owned(), ty.to_owned())).or_default();
+        let map = inner
+            .by_type
+            .entry((org.to_owned(), ty.to_owned()))
+            .or_default();
         match entry {
             Some(e) => {
                 map.insert(id.to_owned(), e);
@@ -102,7 +108,9 @@ impl Index {
             return (Vec::new(), false);
         };
         let range = match after {
-            Some(a) => map.range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            Some(a) => {
+                map.range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+            }
             None => map.range::<str, _>(..),
         };
         let mut out = Vec::new();
@@ -131,7 +139,10 @@ impl Index {
 
     pub fn contains(&self, org: &str, ty: &str, id: &str) -> bool {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner.by_type.get(&(org.to_owned(), ty.to_owned())).is_some_and(|m| m.contains_key(id))
+        inner
+            .by_type
+            .get(&(org.to_owned(), ty.to_owned()))
+            .is_some_and(|m| m.contains_key(id))
     }
 
     /// Number of live entities across all orgs and types.
@@ -150,7 +161,11 @@ mod tests {
     use super::*;
 
     fn e(seq: u64, code: &str) -> Entry {
-        Entry { seq, code: Some(code.into()), fields: vec![] }
+        Entry {
+            seq,
+            code: Some(code.into()),
+            fields: vec![],
+        }
     }
 
     #[test]
@@ -163,7 +178,10 @@ mod tests {
         ix.apply("o", "account", "A", 6, None);
         assert!(!ix.contains("o", "account", "A"));
         ix.apply("o", "account", "A", 5, Some(e(5, "new")));
-        assert!(!ix.contains("o", "account", "A"), "a replayed older version resurrected a deleted entity");
+        assert!(
+            !ix.contains("o", "account", "A"),
+            "a replayed older version resurrected a deleted entity"
+        );
     }
 
     #[test]
@@ -173,10 +191,16 @@ mod tests {
             ix.apply("o", "t", id, i as u64 + 1, Some(e(i as u64 + 1, id)));
         }
         let (p1, more) = ix.page("o", "t", None, 2, |_, _| true);
-        assert_eq!(p1.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["A", "B"]);
+        assert_eq!(
+            p1.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            ["A", "B"]
+        );
         assert!(more);
         let (p2, more) = ix.page("o", "t", Some("B"), 2, |_, _| true);
-        assert_eq!(p2.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["C", "D"]);
+        assert_eq!(
+            p2.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            ["C", "D"]
+        );
         assert!(!more);
     }
 }

@@ -77,7 +77,10 @@ impl Settings {
     /// Settings for tests: the given server, a free admin port, a fixed key.
     pub fn for_tests(nats_url: &str) -> Settings {
         Settings {
-            nats: NatsSettings { url: nats_url.to_owned(), ..Default::default() },
+            nats: NatsSettings {
+                url: nats_url.to_owned(),
+                ..Default::default()
+            },
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             sealing_key: Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="),
             max_in_flight: 256,
@@ -109,7 +112,14 @@ impl App {
         let auth = Auth::new(creds, store);
         let admin_listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
         let admin_addr = admin_listener.local_addr()?;
-        Ok(App { client, entities, auth, settings, admin_addr, admin_listener: Some(admin_listener) })
+        Ok(App {
+            client,
+            entities,
+            auth,
+            settings,
+            admin_addr,
+            admin_listener: Some(admin_listener),
+        })
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -136,7 +146,9 @@ impl App {
             let app = admin::router(ready);
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
             });
         }
 
@@ -145,7 +157,9 @@ impl App {
         let service = self
             .client
             .service_builder()
-            .description("Meterline entities: the system of record for configuration and billing entities")
+            .description(
+                "Meterline entities: the system of record for configuration and billing entities",
+            )
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
             .map_err(|e| anyhow::anyhow!("starting the micro service failed: {e}"))?;
@@ -204,7 +218,10 @@ impl App {
         tracing::info!(in_flight = in_flight.len(), "draining");
         let _ = service.stop().await;
         let drain = async { while in_flight.join_next().await.is_some() {} };
-        if tokio::time::timeout(meterline_shared::shutdown::DRAIN_DEADLINE, drain).await.is_err() {
+        if tokio::time::timeout(meterline_shared::shutdown::DRAIN_DEADLINE, drain)
+            .await
+            .is_err()
+        {
             tracing::warn!("in-flight requests did not finish before the deadline");
         }
         replay.abort();
@@ -214,7 +231,11 @@ impl App {
 }
 
 /// Routes one request message to the domain.
-async fn dispatch(entities: &Entities, auth: &Auth, msg: &async_nats::Message) -> Result<Bytes, ServiceError> {
+async fn dispatch(
+    entities: &Entities,
+    auth: &Auth,
+    msg: &async_nats::Message,
+) -> Result<Bytes, ServiceError> {
     let subject = msg.subject.as_str();
     if subject == subjects::AUTH_VERIFY {
         let req: VerifyRequest = serde_json::from_slice(&msg.payload)
@@ -223,15 +244,21 @@ async fn dispatch(entities: &Entities, auth: &Auth, msg: &async_nats::Message) -
     }
     let tokens: Vec<&str> = subject.split('.').collect();
     let [_, _, org, ty, op] = tokens[..] else {
-        return Err(ServiceError::bad_request(format!("unexpected subject {subject}")));
+        return Err(ServiceError::bad_request(format!(
+            "unexpected subject {subject}"
+        )));
     };
     let req: EntityRequest = if msg.payload.is_empty() {
         EntityRequest::default()
     } else {
-        serde_json::from_slice(&msg.payload).map_err(|e| ServiceError::bad_request(format!("malformed request: {e}")))?
+        serde_json::from_slice(&msg.payload)
+            .map_err(|e| ServiceError::bad_request(format!("malformed request: {e}")))?
     };
     if ty == "serviceuser" && op == "credentials" {
-        let id = req.id.as_deref().ok_or_else(|| ServiceError::bad_request("credentials need the service user's id"))?;
+        let id = req
+            .id
+            .as_deref()
+            .ok_or_else(|| ServiceError::bad_request("credentials need the service user's id"))?;
         return to_bytes(&auth.issue(org, id).await?);
     }
     let actor = msg
@@ -247,7 +274,9 @@ async fn dispatch(entities: &Entities, auth: &Auth, msg: &async_nats::Message) -
 }
 
 fn to_bytes<T: Serialize>(v: &T) -> Result<Bytes, ServiceError> {
-    serde_json::to_vec(v).map(Bytes::from).map_err(ServiceError::internal)
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(ServiceError::internal)
 }
 
 /// Keeps the index current: replays `ENTITIES` from the start with an
@@ -268,13 +297,19 @@ async fn replay(store: Store, index: Arc<Index>, shutdown: CancellationToken) {
     }
 }
 
-async fn replay_once(store: &Store, index: &Index, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn replay_once(
+    store: &Store,
+    index: &Index,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let start = index.caught_up() + 1;
     let consumer = store
         .stream()
         .create_consumer(push::OrderedConfig {
             deliver_subject: format!("_INBOX.entities-replay.{}", ulid::Ulid::new()),
-            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
             ..Default::default()
         })
         .await?;
@@ -287,13 +322,22 @@ async fn replay_once(store: &Store, index: &Index, shutdown: &CancellationToken)
             _ = shutdown.cancelled() => return Ok(()),
             m = messages.next() => m,
         };
-        let Some(msg) = msg else { anyhow::bail!("replay consumer ended") };
+        let Some(msg) = msg else {
+            anyhow::bail!("replay consumer ended")
+        };
         let msg = msg?;
-        let seq = msg.info().map(|i| i.stream_sequence).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let seq = msg
+            .info()
+            .map(|i| i.stream_sequence)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         match serde_json::from_slice::<EntityEvent>(&msg.payload) {
             Ok(ev) => {
                 if let Some(ty) = registry::get(&ev.entity_type) {
-                    let entry = if ev.is_tombstone() { None } else { ev.new.as_ref().map(|s| index_entry(ty, seq, s)) };
+                    let entry = if ev.is_tombstone() {
+                        None
+                    } else {
+                        ev.new.as_ref().map(|s| index_entry(ty, seq, s))
+                    };
                     index.apply(&ev.org_id, ty.name, &ev.entity_id, seq, entry);
                 }
             }
@@ -324,12 +368,19 @@ pub async fn bootstrap(
             serde_json::from_slice::<serde_json::Value>(&reply).map_err(ServiceError::internal)
         }
     };
-    let get = EntityRequest { id: Some(org_id.to_owned()), ..Default::default() };
+    let get = EntityRequest {
+        id: Some(org_id.to_owned()),
+        ..Default::default()
+    };
     match call("organization", "get", get).await {
         Ok(_) => {}
         Err(e) if e.code == meterline_shared::ErrorCode::NotFound => {
             let body = serde_json::json!({ "name": org_name });
-            let create = EntityRequest { id: Some(org_id.to_owned()), body: Some(body), ..Default::default() };
+            let create = EntityRequest {
+                id: Some(org_id.to_owned()),
+                body: Some(body),
+                ..Default::default()
+            };
             match call("organization", "create", create).await {
                 Ok(_) => {}
                 // Created concurrently by someone else: fine.
@@ -342,14 +393,31 @@ pub async fn bootstrap(
     let su = call(
         "serviceuser",
         "create",
-        EntityRequest { body: Some(serde_json::json!({ "name": service_user_name })), ..Default::default() },
+        EntityRequest {
+            body: Some(serde_json::json!({ "name": service_user_name })),
+            ..Default::default()
+        },
     )
     .await?;
-    let su_id = su.get("id").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let su_id = su
+        .get("id")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
     let headers = async_nats::HeaderMap::new();
     let payload = Bytes::from(
-        serde_json::to_vec(&EntityRequest { id: Some(su_id), ..Default::default() }).map_err(ServiceError::internal)?,
+        serde_json::to_vec(&EntityRequest {
+            id: Some(su_id),
+            ..Default::default()
+        })
+        .map_err(ServiceError::internal)?,
     );
-    let reply = bus::request(client, subjects::credentials_request(org_id), headers, payload).await?;
+    let reply = bus::request(
+        client,
+        subjects::credentials_request(org_id),
+        headers,
+        payload,
+    )
+    .await?;
     serde_json::from_slice(&reply).map_err(ServiceError::internal)
 }

@@ -30,24 +30,35 @@ fn check_schedule(body: &Value) -> Result<(), ServiceError> {
     fn bad(m: impl Into<String>) -> ServiceError {
         ServiceError::bad_request(m)
     }
-    let cron = body.get("cronExpression").and_then(Value::as_str).filter(|s| !s.trim().is_empty());
+    let cron = body
+        .get("cronExpression")
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty());
     let schedule_type = body.get("scheduleType").and_then(Value::as_str);
     let period = body.get("period").and_then(Value::as_i64);
     let offset = body.get("offset").and_then(Value::as_i64);
     if let Some(expr) = cron {
         if schedule_type.is_some() || period.is_some() || offset.is_some() {
-            return Err(bad("give either cronExpression or scheduleType with period (and offset), not both"));
+            return Err(bad(
+                "give either cronExpression or scheduleType with period (and offset), not both",
+            ));
         }
         return check_cron(expr).map(|_| ());
     }
     let (Some(schedule_type), Some(period)) = (schedule_type, period) else {
-        return Err(bad("scheduleType and period are required when there is no cronExpression"));
+        return Err(bad(
+            "scheduleType and period are required when there is no cronExpression",
+        ));
     };
     let every = match schedule_type {
         "MINUTE" => Duration::minutes(period),
         "HOUR" => Duration::hours(period),
         "DAY" => Duration::days(period),
-        other => return Err(bad(format!("scheduleType must be MINUTE, HOUR or DAY, not {other:?}"))),
+        other => {
+            return Err(bad(format!(
+                "scheduleType must be MINUTE, HOUR or DAY, not {other:?}"
+            )))
+        }
     };
     if every < MIN_INTERVAL {
         return Err(bad(format!(
@@ -82,7 +93,11 @@ fn unit(schedule_type: &str, n: i64) -> String {
         "HOUR" => "hour",
         _ => "day",
     };
-    if n == 1 { u.to_owned() } else { format!("{u}s") }
+    if n == 1 {
+        u.to_owned()
+    } else {
+        format!("{u}s")
+    }
 }
 
 /// Parses a cron expression (standard five fields, or six/seven with
@@ -98,11 +113,15 @@ pub fn check_cron(expr: &str) -> Result<cron::Schedule, ServiceError> {
             )))
         }
     };
-    let schedule = cron::Schedule::from_str(&full)
-        .map_err(|e| ServiceError::bad_request(format!("cronExpression {expr:?} is not valid: {e}")))?;
+    let schedule = cron::Schedule::from_str(&full).map_err(|e| {
+        ServiceError::bad_request(format!("cronExpression {expr:?} is not valid: {e}"))
+    })?;
     // A fixed reference makes the check repeatable; a year covers every
     // month-day combination a cron can express.
-    let start: DateTime<Utc> = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).single().unwrap_or_else(Utc::now);
+    let start: DateTime<Utc> = Utc
+        .with_ymd_and_hms(2025, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or_else(Utc::now);
     let end = start + Duration::days(366);
     let mut prev: Option<DateTime<Utc>> = None;
     let mut count = 0;
@@ -123,7 +142,9 @@ pub fn check_cron(expr: &str) -> Result<cron::Schedule, ServiceError> {
                 )));
             }
         } else if t - start > MAX_INTERVAL {
-            return Err(ServiceError::bad_request(format!("cronExpression {expr:?} leaves more than 3 days between runs")));
+            return Err(ServiceError::bad_request(format!(
+                "cronExpression {expr:?} leaves more than 3 days between runs"
+            )));
         }
         prev = Some(t);
         count += 1;
@@ -132,16 +153,28 @@ pub fn check_cron(expr: &str) -> Result<cron::Schedule, ServiceError> {
         }
     }
     if prev.is_none() {
-        return Err(ServiceError::bad_request(format!("cronExpression {expr:?} never runs")));
+        return Err(ServiceError::bad_request(format!(
+            "cronExpression {expr:?} never runs"
+        )));
     }
     Ok(schedule)
 }
 
 fn check_scheduled_event(body: &Value) -> Result<(), ServiceError> {
-    let entity = body.get("entity").and_then(Value::as_str).unwrap_or_default();
-    let field = body.get("field").and_then(Value::as_str).unwrap_or_default();
+    let entity = body
+        .get("entity")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let field = body
+        .get("field")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let Some(t) = registry::by_display_name(entity).filter(|t| !t.date_fields.is_empty()) else {
-        let known: Vec<&str> = registry::REGISTRY.iter().filter(|t| !t.date_fields.is_empty()).map(|t| t.name).collect();
+        let known: Vec<&str> = registry::REGISTRY
+            .iter()
+            .filter(|t| !t.date_fields.is_empty())
+            .map(|t| t.name)
+            .collect();
         return Err(ServiceError::bad_request(format!(
             "entity {entity:?} has no date fields scheduled events can use; one of: {}",
             known.join(", ")
@@ -188,15 +221,33 @@ mod tests {
         sched(json!({"cronExpression": "0 0 */2 * * *"})).unwrap();
         sched(json!({"cronExpression": "30 6 * * MON-FRI"})).unwrap();
         assert!(sched(json!({"cronExpression": "*/5 * * * *"})).is_err());
-        assert!(sched(json!({"cronExpression": "0 0 1 * *"})).is_err(), "monthly is rarer than every 3 days");
+        assert!(
+            sched(json!({"cronExpression": "0 0 1 * *"})).is_err(),
+            "monthly is rarer than every 3 days"
+        );
         assert!(sched(json!({"cronExpression": "not a cron"})).is_err());
-        assert!(sched(json!({"cronExpression": "0 * * * *", "period": 1, "scheduleType": "HOUR"})).is_err());
+        assert!(
+            sched(json!({"cronExpression": "0 * * * *", "period": 1, "scheduleType": "HOUR"}))
+                .is_err()
+        );
     }
 
     #[test]
     fn scheduled_events_name_a_known_date_field() {
-        check("scheduledeventconfig", &json!({"entity": "Bill", "field": "dueDate"})).unwrap();
-        assert!(check("scheduledeventconfig", &json!({"entity": "Bill", "field": "colour"})).is_err());
-        assert!(check("scheduledeventconfig", &json!({"entity": "Spaceship", "field": "dueDate"})).is_err());
+        check(
+            "scheduledeventconfig",
+            &json!({"entity": "Bill", "field": "dueDate"}),
+        )
+        .unwrap();
+        assert!(check(
+            "scheduledeventconfig",
+            &json!({"entity": "Bill", "field": "colour"})
+        )
+        .is_err());
+        assert!(check(
+            "scheduledeventconfig",
+            &json!({"entity": "Spaceship", "field": "dueDate"})
+        )
+        .is_err());
     }
 }

@@ -27,7 +27,9 @@ pub struct Sealer {
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer").field("configured", &self.cipher.is_some()).finish()
+        f.debug_struct("Sealer")
+            .field("configured", &self.cipher.is_some())
+            .finish()
     }
 }
 
@@ -38,9 +40,17 @@ impl Sealer {
         if key.is_empty() {
             return Ok(Sealer { cipher: None });
         }
-        let bytes = STANDARD.decode(key.trim()).map_err(|e| anyhow::anyhow!("sealing key is not base64: {e}"))?;
-        anyhow::ensure!(bytes.len() == 32, "sealing key must be 32 bytes, got {}", bytes.len());
-        Ok(Sealer { cipher: Some(XChaCha20Poly1305::new(Key::from_slice(&bytes))) })
+        let bytes = STANDARD
+            .decode(key.trim())
+            .map_err(|e| anyhow::anyhow!("sealing key is not base64: {e}"))?;
+        anyhow::ensure!(
+            bytes.len() == 32,
+            "sealing key must be 32 bytes, got {}",
+            bytes.len()
+        );
+        Ok(Sealer {
+            cipher: Some(XChaCha20Poly1305::new(Key::from_slice(&bytes))),
+        })
     }
 
     pub fn seal(&self, clear: &str) -> Result<String, ServiceError> {
@@ -48,14 +58,19 @@ impl Sealer {
             ServiceError::unavailable("this entity holds a secret, but no sealing key is configured on the entities service")
         })?;
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let ct = cipher.encrypt(&nonce, clear.as_bytes()).map_err(ServiceError::internal)?;
+        let ct = cipher
+            .encrypt(&nonce, clear.as_bytes())
+            .map_err(ServiceError::internal)?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
         Ok(format!("{PREFIX}{}", STANDARD.encode(out)))
     }
 
     pub fn open(&self, sealed: &str) -> Result<String, ServiceError> {
-        let cipher = self.cipher.as_ref().ok_or_else(|| ServiceError::unavailable("no sealing key configured"))?;
+        let cipher = self
+            .cipher
+            .as_ref()
+            .ok_or_else(|| ServiceError::unavailable("no sealing key configured"))?;
         let raw = sealed
             .strip_prefix(PREFIX)
             .and_then(|b| STANDARD.decode(b).ok())
@@ -80,21 +95,36 @@ fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
 
 /// Seals the secret fields of `new` in place. A field holding [`MASK`] (or
 /// absent while the old state had it) keeps the old sealed value.
-pub fn seal_fields(sealer: &Sealer, paths: &[&str], new: &mut Value, old: Option<&Value>) -> Result<(), ServiceError> {
+pub fn seal_fields(
+    sealer: &Sealer,
+    paths: &[&str],
+    new: &mut Value,
+    old: Option<&Value>,
+) -> Result<(), ServiceError> {
     for path in paths {
         let previous = old.and_then(|o| at(o, path)).cloned();
-        let Some(slot) = at_mut(new, path) else { continue };
+        let Some(slot) = at_mut(new, path) else {
+            continue;
+        };
         match slot {
             Value::String(s) if s == MASK => match previous {
                 Some(p) => *slot = p,
-                None => return Err(ServiceError::bad_request(format!("{path}: a secret is required"))),
-            },
-            Value::String(s) if s.starts_with(PREFIX) => {
-                // Only a value this store sealed before may be sent back sealed.
-                if previous.as_ref().and_then(Value::as_str) != Some(s.as_str()) {
-                    return Err(ServiceError::bad_request(format!("{path}: must be the secret itself")));
+                None => {
+                    return Err(ServiceError::bad_request(format!(
+                        "{path}: a secret is required"
+                    )))
                 }
+            },
+            // Only a value this store sealed before may be sent back sealed.
+            Value::String(s)
+                if s.starts_with(PREFIX)
+                    && previous.as_ref().and_then(Value::as_str) != Some(s.as_str()) =>
+            {
+                return Err(ServiceError::bad_request(format!(
+                    "{path}: must be the secret itself"
+                )));
             }
+            Value::String(s) if s.starts_with(PREFIX) => {}
             Value::String(s) => *slot = Value::String(sealer.seal(s)?),
             _ => {}
         }

@@ -35,7 +35,8 @@ impl Version {
 }
 
 fn decode(payload: &[u8]) -> Result<EntityEvent, ServiceError> {
-    serde_json::from_slice(payload).map_err(|e| ServiceError::internal(format!("undecodable ENTITIES message: {e}")))
+    serde_json::from_slice(payload)
+        .map_err(|e| ServiceError::internal(format!("undecodable ENTITIES message: {e}")))
 }
 
 impl Store {
@@ -50,35 +51,53 @@ impl Store {
 
     /// The latest version of an entity, tombstone included; `None` if it
     /// never existed.
-    pub async fn last(&self, org: &str, ty: &str, id: &str) -> Result<Option<Version>, ServiceError> {
-        match self.stream.direct_get_last_for_subject(subjects::entity(org, ty, id)).await {
-            Ok(m) => Ok(Some(Version { seq: m.sequence, event: decode(&m.payload)? })),
+    pub async fn last(
+        &self,
+        org: &str,
+        ty: &str,
+        id: &str,
+    ) -> Result<Option<Version>, ServiceError> {
+        match self
+            .stream
+            .direct_get_last_for_subject(subjects::entity(org, ty, id))
+            .await
+        {
+            Ok(m) => Ok(Some(Version {
+                seq: m.sequence,
+                event: decode(&m.payload)?,
+            })),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-            Err(e) => Err(ServiceError::unavailable(format!("reading ENTITIES failed: {e}"))),
+            Err(e) => Err(ServiceError::unavailable(format!(
+                "reading ENTITIES failed: {e}"
+            ))),
         }
     }
 
     /// The live state of an entity, or `None` if missing or deleted.
-    pub async fn live(&self, org: &str, ty: &str, id: &str) -> Result<Option<Version>, ServiceError> {
+    pub async fn live(
+        &self,
+        org: &str,
+        ty: &str,
+        id: &str,
+    ) -> Result<Option<Version>, ServiceError> {
         Ok(self.last(org, ty, id).await?.filter(|v| v.live().is_some()))
     }
 
     pub async fn by_seq(&self, seq: u64) -> Result<Version, ServiceError> {
-        let m = self
-            .stream
-            .direct_get(seq)
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("reading ENTITIES #{seq} failed: {e}")))?;
-        Ok(Version { seq: m.sequence, event: decode(&m.payload)? })
+        let m = self.stream.direct_get(seq).await.map_err(|e| {
+            ServiceError::unavailable(format!("reading ENTITIES #{seq} failed: {e}"))
+        })?;
+        Ok(Version {
+            seq: m.sequence,
+            event: decode(&m.payload)?,
+        })
     }
 
     /// The sequence of the last message in `ENTITIES`.
     pub async fn last_seq(&self) -> Result<u64, ServiceError> {
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("reading ENTITIES state failed: {e}")))?;
+        let info = self.stream.get_info().await.map_err(|e| {
+            ServiceError::unavailable(format!("reading ENTITIES state failed: {e}"))
+        })?;
         Ok(info.state.last_sequence)
     }
 

@@ -10,7 +10,10 @@ use meterline_shared::{bus, telemetry};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
-#[command(name = "meterline-admin", about = "Operator commands for Meterline, over NATS")]
+#[command(
+    name = "meterline-admin",
+    about = "Operator commands for Meterline, over NATS"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +49,11 @@ async fn main() -> anyhow::Result<()> {
     let s: AdminSettings = settings::load("ADMIN")?;
     let client = bus::connect(&s.nats, "meterline-admin").await?;
     match cli.command {
-        Command::Bootstrap { org, org_name, service_user } => {
+        Command::Bootstrap {
+            org,
+            org_name,
+            service_user,
+        } => {
             let c = meterline_entities::bootstrap(&client, &org, &org_name, &service_user)
                 .await
                 .map_err(|e| anyhow::anyhow!("bootstrap failed: {}", e.message))?;

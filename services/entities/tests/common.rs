@@ -1,0 +1,207 @@
+//! Helpers shared by the entities tests: a real nats-server and the real
+//! entities service, talking over the bus.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use meterline_entities::{App, Settings};
+use meterline_shared::envelope::HEADER_ACTOR;
+use meterline_shared::protocol::EntityRequest;
+use meterline_shared::shutdown::CancellationToken;
+use meterline_shared::testkit::NatsServer;
+use meterline_shared::{bus, subjects, ServiceError};
+
+pub const ORG: &str = "org-test";
+
+pub struct Running {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("entities stopped in time")
+            .expect("entities task")
+            .expect("entities ran cleanly");
+    }
+}
+
+pub async fn start_entities(nats: &NatsServer) -> Running {
+    let app = App::build(Settings::for_tests(nats.url()))
+        .await
+        .expect("build entities");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+    // Wait until the endpoints answer.
+    let client = nats.client().await;
+    meterline_shared::testkit::eventually(Duration::from_secs(10), "entities endpoints", || {
+        let client = client.clone();
+        async move {
+            let r = bus::request(
+                &client,
+                subjects::entities_request("probe", "organization", "get"),
+                Default::default(),
+                Bytes::from_static(b"{\"id\":\"probe\"}"),
+            )
+            .await;
+            match r {
+                Err(e) if e.code == meterline_shared::ErrorCode::Unavailable => None,
+                _ => Some(()),
+            }
+        }
+    })
+    .await;
+    Running { stop, task }
+}
+
+/// A test world: a server, the service, a client and an org.
+pub struct World {
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub entities: Option<Running>,
+}
+
+impl World {
+    pub async fn new() -> World {
+        let nats = NatsServer::start();
+        let entities = start_entities(&nats).await;
+        let client = nats.client().await;
+        let w = World {
+            nats,
+            client,
+            entities: Some(entities),
+        };
+        w.call(
+            "organization",
+            "create",
+            EntityRequest {
+                id: Some(ORG.into()),
+                body: Some(json!({"name": "Test org"})),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create org");
+        w
+    }
+
+    pub async fn call(
+        &self,
+        ty: &str,
+        op: &str,
+        req: EntityRequest,
+    ) -> Result<Value, ServiceError> {
+        self.call_in(ORG, ty, op, req).await
+    }
+
+    pub async fn call_in(
+        &self,
+        org: &str,
+        ty: &str,
+        op: &str,
+        req: EntityRequest,
+    ) -> Result<Value, ServiceError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HEADER_ACTOR, "tester");
+        let payload = Bytes::from(serde_json::to_vec(&req).unwrap());
+        let reply = bus::request(
+            &self.client,
+            subjects::entities_request(org, ty, op),
+            headers,
+            payload,
+        )
+        .await?;
+        Ok(serde_json::from_slice(&reply).expect("reply is JSON"))
+    }
+
+    pub async fn create(&self, ty: &str, body: Value) -> Result<Value, ServiceError> {
+        self.call(
+            ty,
+            "create",
+            EntityRequest {
+                body: Some(body),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn update(&self, ty: &str, id: &str, body: Value) -> Result<Value, ServiceError> {
+        self.call(
+            ty,
+            "update",
+            EntityRequest {
+                id: Some(id.into()),
+                body: Some(body),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn get(&self, ty: &str, id: &str) -> Result<Value, ServiceError> {
+        self.call(
+            ty,
+            "get",
+            EntityRequest {
+                id: Some(id.into()),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn delete(&self, ty: &str, id: &str) -> Result<Value, ServiceError> {
+        self.call(
+            ty,
+            "delete",
+            EntityRequest {
+                id: Some(id.into()),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn list_all(&self, ty: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut next = None;
+        loop {
+            let page = self
+                .call(
+                    ty,
+                    "list",
+                    EntityRequest {
+                        page_size: Some(100),
+                        next_token: next.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("list");
+            out.extend(page["data"].as_array().unwrap().iter().cloned());
+            match page.get("nextToken").and_then(Value::as_str) {
+                Some(t) => next = Some(t.to_owned()),
+                None => return out,
+            }
+        }
+    }
+
+    /// Number of messages in `ENTITIES`: a write that was refused adds none.
+    pub async fn entity_messages(&self) -> u64 {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let mut s = js.get_stream(subjects::ENTITIES_STREAM).await.unwrap();
+        s.info().await.unwrap().state.messages
+    }
+}
+
+pub fn account(code: &str) -> Value {
+    json!({"name": format!("Account {code}"), "code": code, "emailAddress": format!("{code}@example.test")})
+}
