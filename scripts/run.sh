@@ -125,7 +125,10 @@ stop_all() {
 }
 
 on_signal() {
-  trap '' INT TERM HUP
+  # Nothing may stop the clean-up half way: not a closed output pipe (e.g.
+  # `make run | tee` whose tee died of the same Ctrl-C), not a failed echo.
+  trap '' INT TERM HUP PIPE
+  set +e
   echo
   stop_all
   say "stopped"
@@ -134,12 +137,14 @@ on_signal() {
 on_error_exit() {
   local rc=$?
   trap - EXIT
+  trap '' PIPE
+  set +e
   if ((rc != 0)); then
     stop_all
   fi
   exit "$rc"
 }
-trap on_signal INT TERM HUP
+trap on_signal INT TERM HUP PIPE
 trap on_error_exit EXIT
 
 show_log_tail() {
@@ -189,7 +194,9 @@ start_service() {
   shift 2
   local log="$RUN_DIR/$name.log"
   say "starting meterline-$name (log: $log)"
-  env METERLINE_NATS_URL="$NATS_URL" \
+  # NO_COLOR: plain log files, without terminal colour codes.
+  env NO_COLOR=1 \
+    METERLINE_NATS_URL="$NATS_URL" \
     METERLINE_NATS_USER="$user" \
     METERLINE_NATS_PASSWORD="$(nats_password "$user")" \
     "$@" "${DETACH[@]}" "$BIN/meterline-$name" >"$log" 2>&1 &
@@ -210,23 +217,25 @@ wait_for meterline-gateway "$GATEWAY_ADMIN/readyz" "$GATEWAY_PID" 60 "$RUN_DIR/g
 
 # Credentials from an earlier run stay valid while .data/ is kept; reuse them
 # if the gateway still accepts them.
-dev_env_works() {
-  [[ -f "$DEV_ENV" ]] || return 1
-  (
-    # shellcheck disable=SC1090
-    source "$DEV_ENV"
-    curl -fsS -o /dev/null --max-time 5 -u "$METERLINE_KEY:$METERLINE_SECRET" \
-      -X POST "$GATEWAY_URL/oauth/token" -H 'content-type: application/json' \
-      -d '{"grant_type":"client_credentials"}'
-  )
-}
+ORG="" KEY="" SECRET=""
+if [[ -f "$DEV_ENV" ]]; then
+  # shellcheck disable=SC1090
+  ORG=$(source "$DEV_ENV" && printf '%s' "${METERLINE_ORG:-}")
+  # shellcheck disable=SC1090
+  KEY=$(source "$DEV_ENV" && printf '%s' "${METERLINE_KEY:-}")
+  # shellcheck disable=SC1090
+  SECRET=$(source "$DEV_ENV" && printf '%s' "${METERLINE_SECRET:-}")
+fi
 
-if dev_env_works; then
+if [[ -n "$KEY" && -n "$SECRET" ]] &&
+  curl -fsS -o /dev/null --max-time 5 -u "$KEY:$SECRET" -X POST "$GATEWAY_URL/oauth/token" \
+    -H 'content-type: application/json' -d '{"grant_type":"client_credentials"}'; then
   say "reusing the dev credentials in $DEV_ENV"
 else
   say "bootstrapping organization '$DEV_ORG' with service user 'dev-cli'"
   bootstrap_out=$(
-    env METERLINE_NATS_URL="$NATS_URL" \
+    env NO_COLOR=1 \
+      METERLINE_NATS_URL="$NATS_URL" \
       METERLINE_NATS_USER=admin \
       METERLINE_NATS_PASSWORD="$(nats_password admin)" \
       "$BIN/meterline-admin" bootstrap --org "$DEV_ORG" --org-name "Dev organization" --service-user dev-cli \
@@ -235,27 +244,32 @@ else
     show_log_tail "$RUN_DIR/admin.log"
     die "meterline-admin bootstrap failed (log: $RUN_DIR/admin.log)"
   }
+  # It prints `METERLINE_ORG=...`, `METERLINE_KEY=...`, `METERLINE_SECRET=...`
+  # (one per line, shell syntax) among whatever else it logs.
   creds=$(grep -E '^METERLINE_(ORG|KEY|SECRET)=' <<<"$bootstrap_out" || true)
   for v in ORG KEY SECRET; do
     grep -q "^METERLINE_$v=" <<<"$creds" || die "meterline-admin bootstrap printed no METERLINE_$v= line"
   done
-  (
-    umask 077
-    {
-      echo "# Dev credentials from 'make run'. Use: source $DEV_ENV"
-      echo "export METERLINE_URL=$GATEWAY_URL"
-      sed 's/^/export /' <<<"$creds"
-      echo "export NATS_URL=$NATS_URL"
-    } >"$DEV_ENV.tmp"
-    mv "$DEV_ENV.tmp" "$DEV_ENV"
-  )
+  ORG=$(eval "$creds" && printf '%s' "$METERLINE_ORG")
+  KEY=$(eval "$creds" && printf '%s' "$METERLINE_KEY")
+  SECRET=$(eval "$creds" && printf '%s' "$METERLINE_SECRET")
 fi
-chmod 600 "$DEV_ENV"
 
-# shellcheck disable=SC1090
-ORG=$(source "$DEV_ENV" && printf '%s' "$METERLINE_ORG")
-KEY=$(source "$DEV_ENV" && printf '%s' "$METERLINE_KEY")
-SECRET=$(source "$DEV_ENV" && printf '%s' "$METERLINE_SECRET")
+# Written on every run, so it always holds the current NATS password too.
+(
+  umask 077
+  {
+    echo "# Written by 'make run'. Use: source $DEV_ENV"
+    printf 'export METERLINE_URL=%q\n' "$GATEWAY_URL"
+    printf 'export METERLINE_ORG=%q\n' "$ORG"
+    printf 'export METERLINE_KEY=%q\n' "$KEY"
+    printf 'export METERLINE_SECRET=%q\n' "$SECRET"
+    printf 'export NATS_URL=%q\n' "$NATS_URL"
+    printf 'export NATS_USER=%q\n' admin
+    printf 'export NATS_PASSWORD=%q\n' "$(nats_password admin)"
+  } >"$DEV_ENV.tmp"
+  mv "$DEV_ENV.tmp" "$DEV_ENV"
+)
 
 cat <<EOF
 
@@ -265,7 +279,7 @@ Meterline is running.
   OpenAPI document     $GATEWAY_URL/openapi.json
   gateway admin        $GATEWAY_ADMIN/healthz  /readyz  /metrics
   entities admin       $ENTITIES_ADMIN/healthz  /readyz  /metrics
-  NATS                 $NATS_URL   (user admin; password in $SECRETS)
+  NATS                 $NATS_URL   (user admin; NATS_USER/NATS_PASSWORD in $DEV_ENV)
   NATS monitoring      $NATS_MONITOR   (/varz /jsz /connz)
 
   organization         $ORG
@@ -280,6 +294,8 @@ In another terminal, from $ROOT:
   source $DEV_ENV
   curl -s -u "\$METERLINE_KEY:\$METERLINE_SECRET" -X POST "\$METERLINE_URL/oauth/token" \\
        -H 'content-type: application/json' -d '{"grant_type":"client_credentials"}'
+  .tools/venv/bin/python scripts/bus.py watch     # every change, as events on JetStream
+  make sdk-check                                  # m3ter's Python SDK against this gateway
 
 Ctrl-C stops everything.
 EOF
