@@ -11,7 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::NatsServer;
+use meterline_shared::testkit::{eventually, NatsServer};
+use meterline_shared::ErrorCode;
 
 const HOW_TO_INSTALL: &str = "run `make test` (installs the SDK into .tools/)";
 /// The SDK check makes a few dozen calls; allow for a slow debug build.
@@ -38,7 +39,10 @@ fn sdk_python() -> PathBuf {
         .status();
     match probe {
         Ok(s) if s.success() => python,
-        _ => panic!("the m3ter package is not installed in {}: {HOW_TO_INSTALL}", python.display()),
+        _ => panic!(
+            "the m3ter package is not installed in {}: {HOW_TO_INSTALL}",
+            python.display()
+        ),
     }
 }
 
@@ -50,9 +54,10 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
     let nats = NatsServer::start();
     let shutdown = CancellationToken::new();
 
-    let entities = meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
-        .await
-        .expect("build entities");
+    let entities =
+        meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
+            .await
+            .expect("build entities");
     let entities = tokio::spawn(entities.run_until_stopped(shutdown.clone()));
 
     let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
@@ -61,14 +66,31 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
     let base_url = format!("http://{}", gateway.http_addr());
     let gateway = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
 
+    // The entities endpoints answer once the service has started serving:
+    // retry while nobody answers yet.
     let client = nats.client().await;
-    let creds = tokio::time::timeout(
+    let creds = eventually(
         Duration::from_secs(30),
-        meterline_entities::bootstrap(&client, "sdk-check-org", "SDK check organization", "sdk-check"),
+        "entities to answer the bootstrap",
+        || {
+            let client = client.clone();
+            async move {
+                match meterline_entities::bootstrap(
+                    &client,
+                    "sdk-check-org",
+                    "SDK check organization",
+                    "sdk-check",
+                )
+                .await
+                {
+                    Ok(creds) => Some(creds),
+                    Err(e) if e.code == ErrorCode::Unavailable => None,
+                    Err(e) => panic!("bootstrap an organization and a service user: {e}"),
+                }
+            }
+        },
     )
-    .await
-    .expect("bootstrap timed out")
-    .expect("bootstrap an organization and a service user");
+    .await;
 
     let mut command = tokio::process::Command::new(&python);
     command
