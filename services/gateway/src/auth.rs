@@ -8,8 +8,6 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawPathParams, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
@@ -23,6 +21,7 @@ use meterline_shared::{bus, codec, subjects, ServiceError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, instrument, warn};
 
+use crate::body::LimitedBody;
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -193,9 +192,8 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, Ap
 pub async fn issue_token(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::from(e).with_oauth("invalid_request"))?;
     let grant = parse_grant(&headers, &body)?;
     match grant.grant_type.as_deref() {
         Some("client_credentials") => {}

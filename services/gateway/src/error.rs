@@ -2,7 +2,6 @@
 //! `{"message": "..."}` with the status its [`ErrorCode`] decides.
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -61,22 +60,6 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(error: ServiceError) -> Self {
         ApiError { error, oauth: None }
-    }
-}
-
-impl From<BytesRejection> for ApiError {
-    fn from(rejection: BytesRejection) -> Self {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                "request body is larger than the gateway accepts",
-            )
-        } else {
-            ApiError::bad_request(format!(
-                "cannot read request body: {}",
-                rejection.body_text()
-            ))
-        }
     }
 }
 

@@ -21,6 +21,7 @@
 //! | GET | `/openapi.json`, `/docs/openapi.json`, `/healthz` | — |
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod routes;
 
@@ -193,6 +194,8 @@ pub fn router(state: AppState) -> Router {
         .merge(organizations)
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
+        // Entity and token bodies are read by `body::LimitedBody`; this bounds
+        // any other extractor the same way.
         .layer(DefaultBodyLimit::max(state.inner.body_limit))
         .layer(axum::middleware::from_fn(error::json_errors))
         .layer(TraceLayer::new_for_http())

@@ -3,8 +3,7 @@
 //! DELETE), each mapped onto `svc.entities.<org>.<type>.<op>`.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{RawPathParams, RawQuery, State};
+use axum::extract::{FromRef, RawPathParams, RawQuery, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,6 +16,7 @@ use serde_json::{Map, Value};
 use tracing::{debug, instrument, Span};
 
 use crate::auth::Caller;
+use crate::body::LimitedBody;
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -25,6 +25,12 @@ use crate::AppState;
 pub struct RouteState {
     app: AppState,
     ty: &'static EntityType,
+}
+
+impl FromRef<RouteState> for AppState {
+    fn from_ref(state: &RouteState) -> AppState {
+        state.app.clone()
+    }
 }
 
 /// `/organizations/{orgId}/<path>`.
@@ -98,8 +104,7 @@ fn path_ids(ty: &EntityType, params: Params) -> Result<PathIds, ApiError> {
 
 /// A body that must be one JSON object. The `Content-Type` is not checked:
 /// clients that omit it still get their JSON read.
-fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let body = body?;
+fn json_object(body: Bytes) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "request body is empty; expected a JSON object",
@@ -147,7 +152,7 @@ async fn create(
     State(state): State<RouteState>,
     Extension(caller): Extension<Caller>,
     params: Params,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let ids = path_ids(state.ty, params)?;
     Span::current().record("org", ids.org.as_str());
@@ -183,7 +188,7 @@ async fn update(
     State(state): State<RouteState>,
     Extension(caller): Extension<Caller>,
     params: Params,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let ids = path_ids(state.ty, params)?;
     Span::current()

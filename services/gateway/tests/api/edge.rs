@@ -361,6 +361,14 @@ async fn bad_requests_are_refused_before_the_bus_and_the_gateway_keeps_serving()
             "larger",
         ),
         (
+            "much too large",
+            h.post(&accounts)
+                .bearer_auth(&token)
+                .json(&json!({"name": "x".repeat(3 << 20)})),
+            413,
+            "larger",
+        ),
+        (
             "dot in id",
             h.get(format!("{accounts}/a.b")).bearer_auth(&token),
             400,

@@ -6,4 +6,5 @@
 //! - `entities`: the gateway in front of the real entities service.
 
 mod edge;
+mod entities;
 mod helpers;
