@@ -201,7 +201,8 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-/// A built gateway: listeners bound, NATS connected, not yet serving.
+/// A built gateway: listeners bound, NATS client created (it connects, and
+/// reconnects, in the background), not yet serving.
 pub struct App {
     listener: TcpListener,
     http_addr: SocketAddr,
@@ -213,7 +214,9 @@ pub struct App {
 }
 
 impl App {
-    /// Connects to NATS and binds both listeners (port 0 picks free ones).
+    /// Creates the NATS client and binds both listeners (port 0 picks free
+    /// ones). The admin port serves from here on; `/readyz` reports ready
+    /// once NATS is connected.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let nats = bus::connect(&settings.nats, "meterline-gateway")
             .await
@@ -282,5 +285,65 @@ impl App {
         }
         info!("gateway stopped");
         served.context("serving HTTP")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    /// A router whose bus is unreachable: enough for everything the gateway
+    /// decides on its own.
+    async fn offline_router() -> Router {
+        let nats = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .unwrap();
+        router(AppState::new(
+            nats,
+            &Settings::for_tests("nats://127.0.0.1:1"),
+        ))
+    }
+
+    async fn call(router: Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let res = router.oneshot(req).await.unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_router_answers_without_a_socket() {
+        let r = offline_router().await;
+        let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+        let (status, doc) = call(r.clone(), get("/openapi.json")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(doc["paths"].is_object());
+        let (status, body) = call(r.clone(), get("/organizations/o1/accounts")).await;
+        assert_eq!(
+            (status, body["message"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("missing bearer token"))
+        );
+        let (status, body) = call(r.clone(), get("/organizations/o*/accounts")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (status, _) = call(r, get("/nowhere")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn defaults_survive_the_loader_round_trip() {
+        // The settings loader starts from the serialized defaults.
+        let v = serde_json::to_value(Settings::for_tests("nats://x:1")).unwrap();
+        let back: Settings = serde_json::from_value(v).unwrap();
+        assert_eq!(back.jwt_secret.expose(), TEST_JWT_SECRET);
+        assert_eq!(back.token_ttl_secs, 18_000);
+        let unknown = serde_json::json!({"jwt_secert": "typo"});
+        assert!(serde_json::from_value::<Settings>(unknown).is_err());
     }
 }
