@@ -16,8 +16,9 @@ VENV := $(TOOLS)/venv
 NATS_SERVER_VERSION := 2.15.1
 M3TER_SDK_VERSION := 0.9.0
 NATS_PY_VERSION := 2.16.0
-# Named after the pins, so changing a pin reinstalls and nothing else does.
-TOOLS_STAMP := $(TOOLS)/.installed-nats-server-$(NATS_SERVER_VERSION)-m3ter-$(M3TER_SDK_VERSION)-nats-py-$(NATS_PY_VERSION)
+# Named after the pins, so changing a pin reinstalls and nothing else does;
+# inside the venv, so deleting the venv reinstalls too.
+TOOLS_STAMP := $(VENV)/.installed-nats-server-$(NATS_SERVER_VERSION)-m3ter-$(M3TER_SDK_VERSION)-nats-py-$(NATS_PY_VERSION)
 
 .PHONY: help tools run test bench lint fmt sdk-check clean-data
 
@@ -43,7 +44,7 @@ $(TOOLS_STAMP):
 		exit 1; }
 	@$(VENV)/bin/python -c 'import m3ter, sys; sys.exit(m3ter.__version__ != "$(M3TER_SDK_VERSION)")' || { \
 		echo "error: the m3ter SDK in $(VENV) is not $(M3TER_SDK_VERSION)" >&2; exit 1; }
-	@rm -f $(TOOLS)/.installed-*
+	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "==> tools ready: $$($(VENV)/bin/nats-server --version), m3ter $(M3TER_SDK_VERSION)"
 
