@@ -12,6 +12,10 @@ use base64::Engine;
 use bytes::Bytes;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use meterline_shared::protocol::{Credentials, Principal, VerifyRequest};
 use meterline_shared::{subjects::validate_token, ServiceError};
@@ -28,10 +32,28 @@ struct StoredKey {
     created_at: String,
 }
 
+/// How long a successful argon2 check is remembered. Clients such as the
+/// m3ter SDKs fetch a token before nearly every call; remembering a recent
+/// check spares a deliberately slow hash each time. Revocation stays
+/// immediate: the service user is looked up on every verify.
+const VERIFIED_TTL: Duration = Duration::from_secs(300);
+const VERIFIED_MAX: usize = 10_000;
+
 #[derive(Clone)]
 pub struct Auth {
     kv: kv::Store,
     store: Store,
+    /// SHA-256 of (access key, secret, stored hash) → when it last verified.
+    verified: Arc<Mutex<HashMap<[u8; 32], Instant>>>,
+}
+
+fn fingerprint(access_key: &str, secret: &str, stored_hash: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [access_key, secret, stored_hash] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().into()
 }
 
 fn valid_access_key(k: &str) -> bool {
@@ -40,7 +62,11 @@ fn valid_access_key(k: &str) -> bool {
 
 impl Auth {
     pub fn new(kv: kv::Store, store: Store) -> Self {
-        Auth { kv, store }
+        Auth {
+            kv,
+            store,
+            verified: Arc::default(),
+        }
     }
 
     /// Issues a new access key for a live service user. The secret is in the
@@ -113,15 +139,31 @@ impl Auth {
         };
         let stored: StoredKey = serde_json::from_slice(&bytes).map_err(ServiceError::internal)?;
         let hash = stored.secret_hash.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).is_ok_and(|h| {
-                Argon2::default()
-                    .verify_password(req.secret.as_bytes(), &h)
-                    .is_ok()
+        let print = fingerprint(&req.access_key, &req.secret, &hash);
+        let remembered = {
+            let v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            v.get(&print).is_some_and(|at| at.elapsed() < VERIFIED_TTL)
+        };
+        let ok = remembered
+            || tokio::task::spawn_blocking(move || {
+                PasswordHash::new(&hash).is_ok_and(|h| {
+                    Argon2::default()
+                        .verify_password(req.secret.as_bytes(), &h)
+                        .is_ok()
+                })
             })
-        })
-        .await
-        .map_err(ServiceError::internal)?;
+            .await
+            .map_err(ServiceError::internal)?;
+        if ok && !remembered {
+            let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            if v.len() >= VERIFIED_MAX {
+                v.retain(|_, at| at.elapsed() < VERIFIED_TTL);
+                if v.len() >= VERIFIED_MAX {
+                    v.clear();
+                }
+            }
+            v.insert(print, Instant::now());
+        }
         if !ok {
             return Err(denied());
         }
