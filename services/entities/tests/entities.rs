@@ -851,3 +851,46 @@ async fn provisioning_is_idempotent_and_updates_changed_config() {
     immutable.storage = async_nats::jetstream::stream::StorageType::Memory;
     assert!(provision::ensure_stream(&js, immutable).await.is_err());
 }
+
+#[tokio::test]
+async fn replicas_answer_the_micro_service_discovery_api() {
+    let w = World::new().await;
+    let second = start_entities(&w.nats).await;
+    // $SRV.PING is answered by every replica; collect replies until both came.
+    let inbox = w.client.new_inbox();
+    let mut sub = w.client.subscribe(inbox.clone()).await.unwrap();
+    w.client
+        .publish_with_reply("$SRV.PING.entities", inbox, "".into())
+        .await
+        .unwrap();
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("ping replies")
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["name"], "entities");
+        ids.insert(v["id"].as_str().unwrap().to_owned());
+    }
+    let info = w
+        .client
+        .request("$SRV.INFO.entities", "".into())
+        .await
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    let subjects: Vec<&str> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
+    for s in [
+        "svc.entities.*.*.create",
+        "svc.entities.*.*.list",
+        "svc.auth.verify",
+    ] {
+        assert!(subjects.contains(&s), "{s} missing from {subjects:?}");
+    }
+    second.stop().await;
+}
