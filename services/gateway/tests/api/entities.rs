@@ -1,119 +1,13 @@
 //! The gateway in front of the real entities service, driven over HTTP as
-//! an m3ter client would: tokens from `/oauth/token`, CRUD, paging, child
-//! collections, and every bad input refused with a clear 4xx and nothing
-//! written to `ENTITIES`.
+//! an m3ter client would: CRUD, paging, child collections, and bad input
+//! refused with a clear 4xx and nothing written to `ENTITIES`. Token issuing
+//! and the refusals the gateway makes on its own are in `edge`.
 
 use std::time::Duration;
 
-use meterline_shared::protocol::Credentials;
-use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::{eventually, NatsServer};
-use meterline_shared::{subjects, ErrorCode};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::helpers::{send, Gateway, STEP};
-
-/// A nats-server, the entities service, a gateway and one bootstrapped org.
-struct World {
-    nats: NatsServer,
-    entities_stop: CancellationToken,
-    entities_task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    gw: Gateway,
-    creds: Credentials,
-}
-
-impl World {
-    async fn new(org: &str) -> World {
-        let nats = NatsServer::start();
-        let entities = tokio::time::timeout(
-            STEP,
-            meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url())),
-        )
-        .await
-        .expect("entities builds in time")
-        .expect("build entities");
-        let entities_stop = CancellationToken::new();
-        let entities_task = tokio::spawn(entities.run_until_stopped(entities_stop.clone()));
-        let gw = Gateway::start(&nats).await;
-        let creds = bootstrap(&nats, org).await;
-        World {
-            nats,
-            entities_stop,
-            entities_task,
-            gw,
-            creds,
-        }
-    }
-
-    /// A token from `/oauth/token` the way m3ter's SDK asks for one.
-    async fn token(&self) -> String {
-        token_for(&self.gw, &self.creds).await
-    }
-
-    /// The number of messages in `ENTITIES`: every write is one.
-    async fn writes(&self) -> u64 {
-        let js = async_nats::jetstream::new(self.nats.client().await);
-        let mut stream = js
-            .get_stream(subjects::ENTITIES_STREAM)
-            .await
-            .expect("ENTITIES exists");
-        stream.info().await.expect("stream info").state.messages
-    }
-
-    async fn stop(self) {
-        self.gw.stop().await;
-        self.entities_stop.cancel();
-        tokio::time::timeout(STEP, self.entities_task)
-            .await
-            .expect("entities stops in time")
-            .unwrap()
-            .unwrap();
-        drop(self.nats);
-    }
-}
-
-/// Creates an org with a service user and access key once the entities
-/// service answers (it registers its endpoints after it starts running).
-async fn bootstrap(nats: &NatsServer, org: &str) -> Credentials {
-    let client = nats.client().await;
-    eventually(
-        Duration::from_secs(20),
-        "entities to answer a bootstrap",
-        || {
-            let client = client.clone();
-            async move {
-                match tokio::time::timeout(
-                    STEP,
-                    meterline_entities::bootstrap(&client, org, "Test org", "tester"),
-                )
-                .await
-                {
-                    Ok(Ok(creds)) => Some(creds),
-                    Ok(Err(e)) if e.code == ErrorCode::Unavailable => None,
-                    Ok(Err(e)) => panic!("bootstrap {org}: {e}"),
-                    Err(_) => None,
-                }
-            }
-        },
-    )
-    .await
-}
-
-async fn token_for(gw: &Gateway, creds: &Credentials) -> String {
-    let (status, body) = send(
-        gw.http
-            .post(gw.url("/oauth/token"))
-            .basic_auth(&creds.access_key, Some(&creds.secret))
-            .json(&json!({"grant_type": "client_credentials"})),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
-fn account(code: &str) -> Value {
-    json!({"name": format!("Account {code}"), "code": code, "emailAddress": format!("{code}@example.com")})
-}
+use crate::helpers::{account, bootstrap, send, token_for, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accounts_can_be_created_read_updated_listed_and_deleted() {
@@ -121,24 +15,7 @@ async fn accounts_can_be_created_read_updated_listed_and_deleted() {
     let gw = &w.gw;
     let org = &w.creds.org_id;
 
-    // Tokens by Basic + JSON (m3ter's SDK) and by form with body credentials.
     let token = w.token().await;
-    let (status, body) = send(gw.http.post(gw.url("/oauth/token")).form(&[
-        ("grant_type", "client_credentials"),
-        ("client_id", w.creds.access_key.as_str()),
-        ("client_secret", w.creds.secret.as_str()),
-    ]))
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let form_token = body["access_token"].as_str().unwrap().to_owned();
-    let (status, _) = send(
-        gw.http
-            .post(gw.url("/oauth/token"))
-            .basic_auth(&w.creds.access_key, Some("not-the-secret"))
-            .json(&json!({"grant_type": "client_credentials"})),
-    )
-    .await;
-    assert_eq!(status, 401);
 
     let accounts = gw.org_url(org, "accounts");
     let (status, created) = send(
@@ -159,7 +36,7 @@ async fn accounts_can_be_created_read_updated_listed_and_deleted() {
     let id = created["id"].as_str().unwrap().to_owned();
     let item = format!("{accounts}/{id}");
 
-    let (status, got) = send(gw.http.get(&item).bearer_auth(&form_token)).await;
+    let (status, got) = send(gw.http.get(&item).bearer_auth(&token)).await;
     assert_eq!(status, 200);
     assert_eq!(got, created);
 
@@ -252,11 +129,6 @@ async fn lists_page_with_page_size_and_next_token_and_filter_by_ids_and_codes() 
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["data"].as_array().unwrap().len(), 1, "{page}");
     assert_eq!(page["data"][0]["id"], ids[4].as_str());
-    for bad in ["pageSize=0", "pageSize=101", "pageSize=many"] {
-        let (status, body) =
-            send(gw.http.get(format!("{accounts}?{bad}")).bearer_auth(&token)).await;
-        assert_eq!(status, 400, "{bad}: {body}");
-    }
     w.stop().await;
 }
 
@@ -313,7 +185,7 @@ async fn balance_transactions_live_under_their_balance() {
     assert_eq!(page["data"].as_array().unwrap().len(), 1);
 
     // Under a balance that does not exist: refused, nothing written.
-    let before = w.writes().await;
+    let before = w.entity_messages().await;
     let (status, body) = send(
         gw.http
             .post(gw.org_url(org, "balances/no-such-balance/transactions"))
@@ -332,7 +204,7 @@ async fn balance_transactions_live_under_their_balance() {
     if status == 200 {
         assert!(page["data"].as_array().unwrap().is_empty());
     }
-    assert_eq!(w.writes().await, before);
+    assert_eq!(w.entity_messages().await, before);
     w.stop().await;
 }
 
@@ -356,7 +228,6 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     stale["version"] = json!(7);
     let mut unversioned = acc.clone();
     unversioned.as_object_mut().unwrap().remove("version");
-    let expired = gw.token(&org, &w.creds.service_user_id, -3600);
     let forged = {
         let keys =
             meterline_gateway::TokenKeys::new(b"someone-else's-key", Duration::from_secs(60));
@@ -371,16 +242,13 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     let other = bootstrap(&w.nats, "org-bad-other").await;
     let other_token = token_for(gw, &other).await;
 
-    let before = w.writes().await;
+    let before = w.entity_messages().await;
     let cases: Vec<(&str, reqwest::RequestBuilder, &[u16])> = vec![
-        ("malformed json", h.post(&accounts).bearer_auth(&token).body("{\"name\": \"x\","), &[400]),
         ("missing required field", h.post(&accounts).bearer_auth(&token).json(&missing_email), &[400]),
         ("over-long code", h.post(&accounts).bearer_auth(&token).json(&account(&"c".repeat(81))), &[400]),
         ("duplicate code", h.post(&accounts).bearer_auth(&token).json(&account("keep")), &[400, 409]),
-        ("dot in id", h.get(format!("{accounts}/a.b")).bearer_auth(&token), &[400]),
         ("star in id", h.put(format!("{accounts}/a*")).bearer_auth(&token).json(&stale), &[400]),
         ("gt in id", h.delete(format!("{accounts}/%3E")).bearer_auth(&token), &[400]),
-        ("space in id", h.get(format!("{accounts}/a%20b")).bearer_auth(&token), &[400]),
         ("dot in org id", h.get(gw.org_url("org.bad", "accounts")).bearer_auth(&token), &[400]),
         ("space in org id", h.get(gw.org_url("org%20bad", "accounts")).bearer_auth(&token), &[400]),
         ("wrong version", h.put(&item).bearer_auth(&token).json(&stale), &[409]),
@@ -400,8 +268,6 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             h.post(&accounts).bearer_auth(&token).json(&json!({"name": "x".repeat(2 * 1024 * 1024), "code": "big", "emailAddress": "b@x.io"})),
             &[413],
         ),
-        ("missing token", h.get(&accounts), &[401]),
-        ("expired token", h.get(&accounts).bearer_auth(&expired), &[401]),
         ("forged token", h.delete(&item).bearer_auth(&forged), &[401]),
         ("another org's token", h.delete(&item).bearer_auth(&other_token), &[403]),
         ("another org's token on its own path", h.get(gw.org_url(&other.org_id, "accounts")).bearer_auth(&token), &[403]),
@@ -429,7 +295,11 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         let (status, _) = send(h.get(&item).bearer_auth(&token)).await;
         assert_eq!(status, 200, "after {what}");
     }
-    assert_eq!(w.writes().await, before, "a refused request was written");
+    assert_eq!(
+        w.entity_messages().await,
+        before,
+        "a refused request was written"
+    );
 
     // The other org sees none of this org's accounts.
     let (status, page) = send(

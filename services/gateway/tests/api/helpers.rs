@@ -1,12 +1,18 @@
-//! A gateway on a free port against a real nats-server, and an HTTP client.
+//! A gateway on a free port against a real nats-server, an HTTP client, and
+//! the real entities service behind it with a bootstrapped org.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use meterline_gateway::{App, Claims, Settings, TokenKeys, TEST_JWT_SECRET};
+use meterline_shared::envelope::EntityEvent;
+use meterline_shared::protocol::Credentials;
 use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::NatsServer;
-use serde_json::Value;
+use meterline_shared::testkit::{eventually, NatsServer};
+use meterline_shared::{subjects, ErrorCode};
+use serde_json::{json, Value};
 
 /// How long any single awaited step of a test may take.
 pub const STEP: Duration = Duration::from_secs(15);
@@ -21,10 +27,6 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub async fn start(nats: &NatsServer) -> Gateway {
-        Self::start_with(Settings::for_tests(nats.url())).await
-    }
-
     pub async fn start_with(settings: Settings) -> Gateway {
         let app = tokio::time::timeout(STEP, App::build(settings))
             .await
@@ -114,4 +116,169 @@ pub async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
         .expect("response in time")
         .expect("send");
     status_json(response).await
+}
+
+/// Awaits `future` for at most [`STEP`], naming `what` if it takes longer.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {STEP:?}"))
+}
+
+/// The real entities service, running in this process.
+pub struct Entities {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Entities {
+    pub async fn start(nats: &NatsServer) -> Entities {
+        let app = within(
+            "building entities",
+            meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url())),
+        )
+        .await
+        .expect("build entities");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+        Entities { stop, task }
+    }
+
+    /// Stops the service and checks it exits cleanly, in time.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        within("entities stopping", self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A nats-server, the entities service, a gateway in front of it and one
+/// org bootstrapped with a service user and access key.
+pub struct World {
+    pub nats: NatsServer,
+    pub entities: Entities,
+    pub gw: Gateway,
+    pub creds: Credentials,
+    js: jetstream::Context,
+}
+
+impl World {
+    pub async fn new(org: &str) -> World {
+        Self::with_gateway(org, |_| {}).await
+    }
+
+    /// As [`World::new`], with the gateway's settings changed by `configure`.
+    pub async fn with_gateway(org: &str, configure: impl FnOnce(&mut Settings)) -> World {
+        let nats = NatsServer::start();
+        let entities = Entities::start(&nats).await;
+        let mut settings = Settings::for_tests(nats.url());
+        configure(&mut settings);
+        let gw = Gateway::start_with(settings).await;
+        let creds = bootstrap(&nats, org).await;
+        let js = jetstream::new(nats.client().await);
+        World {
+            nats,
+            entities,
+            gw,
+            creds,
+            js,
+        }
+    }
+
+    pub fn org(&self) -> &str {
+        &self.creds.org_id
+    }
+
+    /// A token from `/oauth/token` the way m3ter's SDK asks for one.
+    pub async fn token(&self) -> String {
+        token_for(&self.gw, &self.creds).await
+    }
+
+    async fn entities_stream(&self) -> jetstream::stream::Stream {
+        within(
+            "looking up ENTITIES",
+            self.js.get_stream(subjects::ENTITIES_STREAM),
+        )
+        .await
+        .expect("ENTITIES exists")
+    }
+
+    /// The number of messages in `ENTITIES`: every write is one.
+    pub async fn entity_messages(&self) -> u64 {
+        let mut stream = self.entities_stream().await;
+        within("ENTITIES info", stream.info())
+            .await
+            .expect("stream info")
+            .state
+            .messages
+    }
+
+    /// The last event stored for one entity of this world's org, read from
+    /// `ENTITIES` on `ent.<org>.<type>.<id>`.
+    pub async fn last_event(&self, entity_type: &str, id: &str) -> EntityEvent {
+        let subject = subjects::entity(self.org(), entity_type, id);
+        let stream = self.entities_stream().await;
+        let message = within(
+            "reading ENTITIES",
+            stream.direct_get_last_for_subject(subject.as_str()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("nothing stored on {subject}: {e}"));
+        serde_json::from_slice(&message.payload)
+            .unwrap_or_else(|e| panic!("{subject} does not hold an entity event: {e}"))
+    }
+
+    /// Stops the gateway, then the entities service.
+    pub async fn stop(self) {
+        self.gw.stop().await;
+        self.entities.stop().await;
+        drop(self.nats);
+    }
+}
+
+/// Creates an org with a service user and access key once the entities
+/// service answers (it registers its endpoints after it starts running).
+pub async fn bootstrap(nats: &NatsServer, org: &str) -> Credentials {
+    let client = nats.client().await;
+    eventually(
+        Duration::from_secs(20),
+        "entities to answer a bootstrap",
+        || {
+            let client = client.clone();
+            async move {
+                match tokio::time::timeout(
+                    STEP,
+                    meterline_entities::bootstrap(&client, org, "Test org", "tester"),
+                )
+                .await
+                {
+                    Ok(Ok(creds)) => Some(creds),
+                    Ok(Err(e)) if e.code == ErrorCode::Unavailable => None,
+                    Ok(Err(e)) => panic!("bootstrap {org}: {e}"),
+                    Err(_) => None,
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// A token for `creds` from `/oauth/token`: Basic credentials, JSON grant.
+pub async fn token_for(gw: &Gateway, creds: &Credentials) -> String {
+    let (status, body) = send(
+        gw.http
+            .post(gw.url("/oauth/token"))
+            .basic_auth(&creds.access_key, Some(&creds.secret))
+            .json(&json!({"grant_type": "client_credentials"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A valid account body.
+pub fn account(code: &str) -> Value {
+    json!({"name": format!("Account {code}"), "code": code, "emailAddress": format!("{code}@example.com")})
 }

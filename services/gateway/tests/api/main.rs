@@ -1,9 +1,14 @@
 //! Integration tests of the gateway: real nats-server, real sockets, a real
 //! HTTP client.
 //!
-//! - `edge`: the gateway alone, with a stand-in responder on the bus that
-//!   records what reached it.
-//! - `entities`: the gateway in front of the real entities service.
+//! Every test that needs the entities service runs the real one in process
+//! (see `helpers::World`).
+//!
+//! - `edge`: what the gateway itself decides: token issuing, the mapping of
+//!   routes onto entity requests, refusals before the bus, the entities
+//!   service being down, shutdown.
+//! - `entities`: entity behaviour driven over HTTP: CRUD, paging, child
+//!   collections, and what the entities service refuses.
 
 mod edge;
 mod entities;
