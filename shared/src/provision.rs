@@ -157,10 +157,19 @@ pub async fn ensure_stream(
     }
 }
 
-/// `ENTITIES` and `EVENTS`, in that order (`EVENTS` sources `ENTITIES`).
-pub async fn ensure_core(js: &jetstream::Context) -> Result<(), ProvisionError> {
-    ensure_stream(js, entities()).await?;
-    ensure_stream(js, events()).await?;
+/// `ENTITIES` and `EVENTS`, in that order (`EVENTS` sources `ENTITIES`),
+/// with `replicas` copies each.
+pub async fn ensure_core(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
+    for config in [entities(), events()] {
+        ensure_stream(
+            js,
+            Config {
+                num_replicas: replicas.max(1),
+                ..config
+            },
+        )
+        .await?;
+    }
     Ok(())
 }
 

@@ -56,6 +56,21 @@ pub struct NatsSettings {
     pub password: Option<Secret>,
     /// How long a request to another service may take, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Replicas of every stream and bucket this service provisions: 1 on a
+    /// single server, 3 in a JetStream cluster. Changing it updates existing
+    /// streams at the next start.
+    pub stream_replicas: usize,
+}
+
+impl NatsSettings {
+    /// Field names, as environment variables take them.
+    pub const FIELDS: [&'static str; 5] = [
+        "url",
+        "user",
+        "password",
+        "request_timeout_ms",
+        "stream_replicas",
+    ];
 }
 
 impl Default for NatsSettings {
@@ -65,6 +80,7 @@ impl Default for NatsSettings {
             user: None,
             password: None,
             request_timeout_ms: 10_000,
+            stream_replicas: 1,
         }
     }
 }
@@ -84,7 +100,14 @@ where
         fig = fig.merge(file.focus(&service.to_ascii_lowercase()));
     }
     fig = fig
-        .merge(Env::prefixed("METERLINE_NATS_").map(|k| format!("nats.{k}").into()))
+        // Only the connection's own fields: nats.conf reads per-service
+        // passwords from `METERLINE_NATS_PASSWORD_<USER>`, which are not
+        // settings of any one service.
+        .merge(
+            Env::prefixed("METERLINE_NATS_")
+                .only(&NatsSettings::FIELDS)
+                .map(|k| format!("nats.{k}").into()),
+        )
         .merge(Env::prefixed(&format!("METERLINE_{service}_")).split("__"));
     Ok(fig.extract()?)
 }
@@ -92,6 +115,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Probe {
+        nats: NatsSettings,
+        port: u16,
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn environment_overrides_defaults_and_foreign_nats_variables_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("METERLINE_NATS_URL", "nats://bus:4222");
+            jail.set_env("METERLINE_NATS_STREAM_REPLICAS", "3");
+            jail.set_env(
+                "METERLINE_NATS_PASSWORD_GATEWAY",
+                "for nats.conf, not for us",
+            );
+            jail.set_env("METERLINE_PROBE_PORT", "8089");
+            let s: Probe = load("PROBE").map_err(|e| e.to_string())?;
+            assert_eq!(s.nats.url, "nats://bus:4222");
+            assert_eq!(s.nats.stream_replicas, 3);
+            assert_eq!(s.port, 8089);
+            jail.set_env("METERLINE_PROBE_PROT", "1");
+            assert!(
+                load::<Probe>("PROBE").is_err(),
+                "a misspelt setting is an error"
+            );
+            Ok(())
+        });
+    }
 
     #[test]
     fn secrets_do_not_print() {

@@ -90,6 +90,8 @@ impl Settings {
 
 pub struct App {
     client: async_nats::Client,
+    service: async_nats::service::Service,
+    endpoints: Vec<async_nats::service::endpoint::Endpoint>,
     entities: Entities,
     auth: Auth,
     settings: Settings,
@@ -103,17 +105,35 @@ impl App {
         let sealer = Sealer::from_base64(settings.sealing_key.expose())?;
         let client = bus::connect(&settings.nats, SERVICE_NAME).await?;
         let js = jetstream::new(client.clone());
-        provision::ensure_core(&js).await?;
-        let creds = provision::ensure_kv(&js, provision::credentials_bucket()).await?;
-        let codes = provision::ensure_kv(&js, codes::bucket_config()).await?;
+        let replicas = settings.nats.stream_replicas.max(1);
+        provision::ensure_core(&js, replicas).await?;
+        let creds = provision::ensure_kv(
+            &js,
+            jetstream::kv::Config {
+                num_replicas: replicas,
+                ..provision::credentials_bucket()
+            },
+        )
+        .await?;
+        let codes = provision::ensure_kv(
+            &js,
+            jetstream::kv::Config {
+                num_replicas: replicas,
+                ..codes::bucket_config()
+            },
+        )
+        .await?;
         let store = Store::open(js.clone()).await?;
         let index = Arc::new(Index::default());
         let entities = Entities::new(store.clone(), index, Codes::new(codes), sealer);
         let auth = Auth::new(creds, store);
         let admin_listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
         let admin_addr = admin_listener.local_addr()?;
+        let (service, endpoints) = start_service(&client).await?;
         Ok(App {
             client,
+            service,
+            endpoints,
             entities,
             auth,
             settings,
@@ -154,39 +174,7 @@ impl App {
 
         let replay = tokio::spawn(replay(self.entities.store.clone(), index, shutdown.clone()));
 
-        let service = self
-            .client
-            .service_builder()
-            .description(
-                "Meterline entities: the system of record for configuration and billing entities",
-            )
-            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-            .await
-            .map_err(|e| anyhow::anyhow!("starting the micro service failed: {e}"))?;
-        let mut endpoints = Vec::new();
-        for op in subjects::ops::ALL {
-            let ep = service
-                .endpoint_builder()
-                .name(op)
-                .add(format!("svc.entities.*.*.{op}"))
-                .await
-                .map_err(|e| anyhow::anyhow!("adding endpoint {op}: {e}"))?;
-            endpoints.push(ep);
-        }
-        let credentials = service
-            .endpoint_builder()
-            .name("credentials")
-            .add("svc.entities.*.serviceuser.credentials")
-            .await
-            .map_err(|e| anyhow::anyhow!("adding endpoint credentials: {e}"))?;
-        let verify = service
-            .endpoint_builder()
-            .name("verify")
-            .add(subjects::AUTH_VERIFY)
-            .await
-            .map_err(|e| anyhow::anyhow!("adding endpoint verify: {e}"))?;
-        endpoints.push(credentials);
-        endpoints.push(verify);
+        let (service, endpoints) = (self.service, self.endpoints);
         tracing::info!(admin = %self.admin_addr, "entities service ready");
 
         let mut requests = futures::stream::select_all(endpoints);
@@ -228,6 +216,49 @@ impl App {
         let _ = self.client.drain().await;
         Ok(())
     }
+}
+
+/// Registers the micro service and its endpoints. Requests that arrive
+/// before the serving loop starts wait in the subscriptions.
+async fn start_service(
+    client: &async_nats::Client,
+) -> anyhow::Result<(
+    async_nats::service::Service,
+    Vec<async_nats::service::endpoint::Endpoint>,
+)> {
+    let service = client
+        .service_builder()
+        .description(
+            "Meterline entities: the system of record for configuration and billing entities",
+        )
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the micro service failed: {e}"))?;
+    let mut endpoints = Vec::new();
+    for op in subjects::ops::ALL {
+        let ep = service
+            .endpoint_builder()
+            .name(op)
+            .add(format!("svc.entities.*.*.{op}"))
+            .await
+            .map_err(|e| anyhow::anyhow!("adding endpoint {op}: {e}"))?;
+        endpoints.push(ep);
+    }
+    let credentials = service
+        .endpoint_builder()
+        .name("credentials")
+        .add("svc.entities.*.serviceuser.credentials")
+        .await
+        .map_err(|e| anyhow::anyhow!("adding endpoint credentials: {e}"))?;
+    let verify = service
+        .endpoint_builder()
+        .name("verify")
+        .add(subjects::AUTH_VERIFY)
+        .await
+        .map_err(|e| anyhow::anyhow!("adding endpoint verify: {e}"))?;
+    endpoints.push(credentials);
+    endpoints.push(verify);
+    Ok((service, endpoints))
 }
 
 /// Routes one request message to the domain.

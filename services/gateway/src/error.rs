@@ -78,6 +78,13 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static(challenge),
             );
         }
+        if status == StatusCode::CONFLICT {
+            // A version conflict needs a fresh read, not the same request
+            // again: tells the m3ter SDKs (which retry 409 by default) so.
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         response
     }
 }

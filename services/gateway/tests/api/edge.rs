@@ -214,6 +214,24 @@ async fn routes_map_onto_entity_subjects_with_the_caller_as_actor() {
     .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(w.entity_messages().await, before);
+    // A conflict tells SDKs not to retry the same request.
+    let again = within(
+        "conflicting delete",
+        gw.http
+            .delete(format!("{item}?version=1"))
+            .bearer_auth(&token)
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.status(), 409);
+    assert_eq!(
+        again
+            .headers()
+            .get("x-should-retry")
+            .map(|v| v.to_str().unwrap()),
+        Some("false")
+    );
     let (status, body) = send(
         gw.http
             .delete(format!("{item}?version=2"))
