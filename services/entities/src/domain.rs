@@ -239,16 +239,22 @@ impl Entities {
         v
     }
 
-    fn event(
+    /// Appends one mutation as the entity's next version, if its last
+    /// version is still `expected` (0: it must not exist), and records it in
+    /// the index.
+    #[allow(clippy::too_many_arguments)]
+    async fn write(
+        &self,
         org: &str,
         ty: &EntityType,
         id: &str,
         action: Action,
         actor: &str,
-        new: Option<Value>,
-        old: Option<Value>,
-    ) -> EntityEvent {
-        EntityEvent {
+        new: Option<&Value>,
+        old: Option<&Value>,
+        expected: u64,
+    ) -> Result<(), ServiceError> {
+        let event = EntityEvent {
             id: uuid::Uuid::now_v7().to_string(),
             event_name: ty.event_name(action),
             event_time: Utc::now(),
@@ -257,9 +263,15 @@ impl Entities {
             entity_id: id.to_owned(),
             action,
             actor: actor.to_owned(),
-            new,
-            old,
-        }
+            new: new.cloned(),
+            old: old.cloned(),
+        };
+        let seq = self.store.append(&event, expected).await?;
+        let entry = new.map(|s| index_entry(ty, seq, s));
+        self.index.apply(org, ty.name, id, seq, entry);
+        metrics::counter!("meterline_entity_writes_total", "type" => ty.name, "action" => action.as_str())
+            .increment(1);
+        Ok(())
     }
 
     pub async fn create(
@@ -332,25 +344,15 @@ impl Entities {
                 .reserve(&self.store, org, ty.name, code, &id)
                 .await?;
         }
-        let event = Self::event(
-            org,
-            ty,
-            &id,
-            Action::Created,
-            actor,
-            Some(state.clone()),
-            None,
-        );
-        let seq = self.store.append(&event, 0).await.map_err(|e| {
-            if e.code == meterline_shared::ErrorCode::Conflict {
-                ServiceError::conflict(format!("{} {id:?} already exists", ty.name))
-            } else {
-                e
-            }
-        })?;
-        self.index
-            .apply(org, ty.name, &id, seq, Some(index_entry(ty, seq, &state)));
-        metrics::counter!("meterline_entity_writes_total", "type" => ty.name, "action" => "created").increment(1);
+        self.write(org, ty, &id, Action::Created, actor, Some(&state), None, 0)
+            .await
+            .map_err(|e| {
+                if e.code == meterline_shared::ErrorCode::Conflict {
+                    ServiceError::conflict(format!("{} {id:?} already exists", ty.name))
+                } else {
+                    e
+                }
+            })?;
         Ok(self.view(ty, &state))
     }
 
@@ -469,22 +471,21 @@ impl Entities {
                 .reserve(&self.store, org, ty.name, code, &id)
                 .await?;
         }
-        let event = Self::event(
+        let (new, before) = (Some(&state), Some(&old));
+        self.write(
             org,
             ty,
             &id,
             Action::Updated,
             actor,
-            Some(state.clone()),
-            Some(old.clone()),
-        );
-        let seq = self.store.append(&event, current.seq).await?;
-        self.index
-            .apply(org, ty.name, &id, seq, Some(index_entry(ty, seq, &state)));
+            new,
+            before,
+            current.seq,
+        )
+        .await?;
         if let Some(code) = old_code.filter(|c| Some(*c) != new_code) {
             self.codes.release(org, ty.name, code, &id).await;
         }
-        metrics::counter!("meterline_entity_writes_total", "type" => ty.name, "action" => "updated").increment(1);
         Ok(self.view(ty, &state))
     }
 
@@ -506,17 +507,17 @@ impl Entities {
                 )));
             }
         }
-        let event = Self::event(
+        self.write(
             org,
             ty,
             &id,
             Action::Deleted,
             actor,
             None,
-            Some(old.clone()),
-        );
-        let seq = self.store.append(&event, current.seq).await?;
-        self.index.apply(org, ty.name, &id, seq, None);
+            Some(&old),
+            current.seq,
+        )
+        .await?;
         if let Some(code) = old
             .get("code")
             .and_then(Value::as_str)
@@ -524,7 +525,6 @@ impl Entities {
         {
             self.codes.release(org, ty.name, code, &id).await;
         }
-        metrics::counter!("meterline_entity_writes_total", "type" => ty.name, "action" => "deleted").increment(1);
         Ok(self.view(ty, &old))
     }
 
