@@ -72,3 +72,18 @@ pub fn error_of(headers: Option<&HeaderMap>) -> Option<ServiceError> {
 fn service_of(subject: &str) -> &str {
     subject.split('.').nth(1).unwrap_or(subject)
 }
+
+/// Waits until the server has processed everything this client sent before
+/// (subscriptions included): a message to ourselves comes back only after
+/// the server handled what preceded it on the connection. `flush` alone only
+/// empties the client's buffer.
+pub async fn round_trip(client: &Client) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, Bytes::new()).await?;
+    tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("the NATS server did not answer in time"))?;
+    Ok(())
+}

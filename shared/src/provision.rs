@@ -76,6 +76,28 @@ pub fn events() -> Config {
     }
 }
 
+/// The shortest retention of `MEASUREMENTS`: uids are remembered for 35 days
+/// and their commit markers live in the same stream.
+pub const MIN_MEASUREMENT_RETENTION_DAYS: u64 = 35;
+
+/// `MEASUREMENTS`: accepted usage on `usage.<org>.<meter>` (MessagePack
+/// groups) and the uid commit markers on `uidx.<org>`, written together by
+/// atomic batches.
+pub fn measurements(retention_days: u64) -> Config {
+    Config {
+        name: crate::subjects::MEASUREMENTS_STREAM.into(),
+        description: Some("Meterline accepted measurements and their uid commit markers".into()),
+        subjects: vec!["usage.>".into(), "uidx.>".into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: DAY * retention_days.max(MIN_MEASUREMENT_RETENTION_DAYS) as u32,
+        allow_direct: true,
+        allow_atomic_publish: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
 fn fingerprint(config: &Config) -> String {
     let mut c = config.clone();
     c.metadata = HashMap::new();

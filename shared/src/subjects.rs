@@ -11,6 +11,12 @@ use crate::error::ServiceError;
 
 pub const ENTITIES_STREAM: &str = "ENTITIES";
 pub const EVENTS_STREAM: &str = "EVENTS";
+pub const MEASUREMENTS_STREAM: &str = "MEASUREMENTS";
+
+/// `svc.ingest.<org>.submit`: a batch of measurements.
+pub fn ingest_submit(org: &str) -> String {
+    format!("svc.ingest.{org}.submit")
+}
 
 /// The longest token Meterline accepts from a user. m3ter ids are UUIDs (36
 /// characters) and codes are at most 80; anything far longer is a mistake.

@@ -258,6 +258,9 @@ async fn start_service(
         .map_err(|e| anyhow::anyhow!("adding endpoint verify: {e}"))?;
     endpoints.push(credentials);
     endpoints.push(verify);
+    // Once the server has the subscriptions, a request sent after
+    // `App::build` finds a responder.
+    bus::round_trip(client).await?;
     Ok((service, endpoints))
 }
 

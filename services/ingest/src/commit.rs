@@ -1,0 +1,301 @@
+//! Group commit: the durable, exactly-once write of accepted measurements.
+//!
+//! Each organization has one committer task per replica. It takes every
+//! request waiting for that org, decides which measurements are new (against
+//! the uid index and each other), and writes them as one atomic batch: one
+//! MessagePack message per meter on `usage.<org>.<meter>` plus a commit
+//! marker on `uidx.<org>` listing the accepted uids. The marker carries
+//! `Nats-Expected-Last-Subject-Sequence` = the last marker this replica has
+//! seen for the org, so if another replica committed in between, the batch
+//! is refused as a whole; the committer then catches up with the newer
+//! markers and decides again. Nothing is acknowledged to a caller before the
+//! batch's ack, and a crash before the ack leaves nothing stored.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::DirectGetErrorKind};
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use tokio::sync::{mpsc, oneshot};
+
+use meterline_shared::codec::Codec;
+use meterline_shared::ServiceError;
+
+use crate::batch::{self, Outgoing};
+use crate::model::{Marker, Measurement, MeasurementGroup};
+use crate::uids::{fingerprint, UidIndex};
+
+/// Most measurements one commit takes from waiting requests.
+const GROUP_MEASUREMENTS: usize = 20_000;
+/// Most measurements in one `usage` message (keeps messages near 1 MB).
+const MESSAGE_MEASUREMENTS: usize = 2_500;
+/// Attempts when other replicas keep committing first.
+const ATTEMPTS: usize = 20;
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `usage.<org>.<meter>`.
+pub fn usage_subject(org: &str, meter: &str) -> String {
+    format!("usage.{org}.{meter}")
+}
+
+/// `uidx.<org>`.
+pub fn marker_subject(org: &str) -> String {
+    format!("uidx.{org}")
+}
+
+/// A valid measurement waiting to be committed.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Position in the caller's request.
+    pub index: usize,
+    pub meter_id: String,
+    pub measurement: Measurement,
+}
+
+/// What became of each item of a request.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outcome {
+    pub accepted: Vec<usize>,
+    pub duplicates: Vec<usize>,
+}
+
+struct Pending {
+    items: Vec<Item>,
+    reply: oneshot::Sender<Result<Outcome, ServiceError>>,
+}
+
+#[derive(Clone)]
+pub struct Committer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    stream: jetstream::stream::Stream,
+    index: Arc<UidIndex>,
+    workers: Mutex<HashMap<String, mpsc::Sender<Pending>>>,
+}
+
+impl Committer {
+    pub fn new(
+        client: async_nats::Client,
+        stream: jetstream::stream::Stream,
+        index: Arc<UidIndex>,
+    ) -> Self {
+        Committer {
+            inner: Arc::new(Inner {
+                client,
+                stream,
+                index,
+                workers: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Commits `items` for `org`; returns which were accepted and which were
+    /// duplicates of uids accepted before.
+    pub async fn commit(&self, org: &str, items: Vec<Item>) -> Result<Outcome, ServiceError> {
+        if items.is_empty() {
+            return Ok(Outcome::default());
+        }
+        let (reply, rx) = oneshot::channel();
+        let tx = {
+            let mut workers = self.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers
+                .entry(org.to_owned())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(1024);
+                    tokio::spawn(worker(self.inner.clone(), org.to_owned(), rx));
+                    tx
+                })
+                .clone()
+        };
+        tx.send(Pending { items, reply })
+            .await
+            .map_err(|_| ServiceError::unavailable("ingest is shutting down"))?;
+        rx.await
+            .map_err(|_| ServiceError::unavailable("ingest is shutting down"))?
+    }
+}
+
+async fn worker(inner: Arc<Inner>, org: String, mut rx: mpsc::Receiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let mut count = first.items.len();
+        let mut group = vec![first];
+        while count < GROUP_MEASUREMENTS {
+            match rx.try_recv() {
+                Ok(p) => {
+                    count += p.items.len();
+                    group.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let items: Vec<&[Item]> = group.iter().map(|p| p.items.as_slice()).collect();
+        let result = commit_group(&inner, &org, &items).await;
+        metrics::counter!("meterline_ingest_commits_total").increment(1);
+        for (i, p) in group.into_iter().enumerate() {
+            let _ = p
+                .reply
+                .send(result.as_ref().map(|r| r[i].clone()).map_err(Clone::clone));
+        }
+    }
+}
+
+fn today() -> u32 {
+    (Utc::now().timestamp().div_euclid(86_400)) as u32
+}
+
+/// Reads a marker by sequence and returns its uids.
+async fn marker_uids(
+    stream: &jetstream::stream::Stream,
+    seq: u64,
+) -> Result<HashSet<String>, ServiceError> {
+    let m = stream
+        .direct_get(seq)
+        .await
+        .map_err(|e| ServiceError::unavailable(format!("reading uid marker #{seq} failed: {e}")))?;
+    let marker: Marker = rmp_serde::from_slice(&m.payload).map_err(ServiceError::internal)?;
+    Ok(marker.uids.into_iter().collect())
+}
+
+async fn commit_group(
+    inner: &Inner,
+    org: &str,
+    requests: &[&[Item]],
+) -> Result<Vec<Outcome>, ServiceError> {
+    for _ in 0..ATTEMPTS {
+        let expected = inner.index.last_seq(org);
+        let day = today();
+        // Decide: new, or a duplicate of an earlier commit or of an earlier
+        // request in this group.
+        let mut outcomes = vec![Outcome::default(); requests.len()];
+        let mut in_group: HashSet<&str> = HashSet::new();
+        let mut to_check: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
+        let mut fresh: Vec<(usize, usize)> = Vec::new();
+        for (r, items) in requests.iter().enumerate() {
+            for (i, item) in items.iter().enumerate() {
+                let m = &item.measurement;
+                if m.generated_uid {
+                    fresh.push((r, i));
+                } else if !in_group.insert(m.uid.as_str()) {
+                    outcomes[r].duplicates.push(item.index);
+                } else if let Some(c) = inner.index.candidate(org, fingerprint(org, &m.uid), day) {
+                    to_check.entry(c.marker_seq).or_default().push((r, i));
+                } else {
+                    fresh.push((r, i));
+                }
+            }
+        }
+        for (seq, refs) in to_check {
+            let uids = marker_uids(&inner.stream, seq).await?;
+            for (r, i) in refs {
+                let item = &requests[r][i];
+                if uids.contains(&item.measurement.uid) {
+                    outcomes[r].duplicates.push(item.index);
+                } else {
+                    // A fingerprint collision: the uid is new.
+                    fresh.push((r, i));
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(outcomes);
+        }
+        // Write: one message per meter (split if large) and the marker.
+        let received_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut by_meter: BTreeMap<(&str, &str), Vec<&Measurement>> = BTreeMap::new();
+        for &(r, i) in &fresh {
+            let item = &requests[r][i];
+            by_meter
+                .entry((item.measurement.meter.as_str(), item.meter_id.as_str()))
+                .or_default()
+                .push(&item.measurement);
+        }
+        let mut messages = Vec::new();
+        for ((meter, meter_id), ms) in by_meter {
+            for chunk in ms.chunks(MESSAGE_MEASUREMENTS) {
+                let group = MeasurementGroup {
+                    org_id: org.to_owned(),
+                    meter: meter.to_owned(),
+                    meter_id: meter_id.to_owned(),
+                    received_at: received_at.clone(),
+                    measurements: chunk.iter().map(|m| (*m).clone()).collect(),
+                };
+                let mut headers = Codec::MsgPack.headers();
+                headers.insert("Meterline-Count", chunk.len().to_string().as_str());
+                messages.push(Outgoing {
+                    subject: usage_subject(org, meter),
+                    headers,
+                    payload: Bytes::from(Codec::MsgPack.encode(&group)?),
+                });
+            }
+        }
+        let uids: Vec<String> = fresh
+            .iter()
+            .map(|&(r, i)| &requests[r][i].measurement)
+            .filter(|m| !m.generated_uid)
+            .map(|m| m.uid.clone())
+            .collect();
+        let fps: Vec<u64> = uids.iter().map(|u| fingerprint(org, u)).collect();
+        let marker = Marker {
+            day,
+            groups: messages.len() as u32,
+            uids,
+        };
+        let mut headers = Codec::MsgPack.headers();
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+        messages.push(Outgoing {
+            subject: marker_subject(org),
+            headers,
+            payload: Bytes::from(Codec::MsgPack.encode(&marker)?),
+        });
+        match batch::publish(&inner.client, messages, ACK_TIMEOUT).await {
+            Ok(ack) => {
+                inner.index.apply(org, ack.sequence, day, fps);
+                for &(r, i) in &fresh {
+                    outcomes[r].accepted.push(requests[r][i].index);
+                }
+                return Ok(outcomes);
+            }
+            Err(e) if e.is_wrong_last_sequence() => {
+                // Another replica committed for this org: catch up, decide again.
+                let latest = match inner
+                    .stream
+                    .direct_get_last_for_subject(marker_subject(org))
+                    .await
+                {
+                    Ok(m) => m.sequence,
+                    Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => 0,
+                    Err(e) => {
+                        return Err(ServiceError::unavailable(format!(
+                            "reading uid markers failed: {e}"
+                        )))
+                    }
+                };
+                tokio::time::timeout(CATCH_UP_TIMEOUT, inner.index.wait_for(org, latest))
+                    .await
+                    .map_err(|_| {
+                        ServiceError::unavailable(
+                            "the uid index is still catching up; retry shortly",
+                        )
+                    })?;
+                metrics::counter!("meterline_ingest_commit_retries_total").increment(1);
+            }
+            Err(e) => {
+                return Err(ServiceError::unavailable(format!(
+                    "storing measurements failed: {e}"
+                )))
+            }
+        }
+    }
+    Err(ServiceError::unavailable(
+        "too many concurrent commits for this organization; retry",
+    ))
+}
