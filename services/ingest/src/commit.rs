@@ -24,11 +24,13 @@ use meterline_shared::codec::Codec;
 use meterline_shared::ServiceError;
 
 use crate::batch::{self, Outgoing};
-use crate::model::{Marker, Measurement, MeasurementGroup};
+use crate::model::{Marker, Measurement};
 use crate::uids::{fingerprint, UidIndex};
 
 /// Most measurements one commit takes from waiting requests.
-const GROUP_MEASUREMENTS: usize = 20_000;
+const GROUP_MEASUREMENTS: usize = 50_000;
+/// Most messages in one atomic batch (the server allows 1000).
+const GROUP_MESSAGES: usize = 900;
 /// Most measurements in one `usage` message (keeps messages near 1 MB).
 const MESSAGE_MEASUREMENTS: usize = 2_500;
 /// Attempts when other replicas keep committing first.
@@ -62,8 +64,87 @@ pub struct Outcome {
     pub duplicates: Vec<usize>,
 }
 
+/// A request's write, encoded by the caller's task (in parallel with other
+/// requests), so the org's committer only decides and sends.
+struct Prepared {
+    /// One MessagePack group per meter.
+    groups: Vec<Outgoing>,
+    /// The marker listing this request's uids.
+    marker: Bytes,
+    /// Fingerprints of the uids in `marker`.
+    fps: Vec<u64>,
+}
+
+fn prepare<'a>(
+    org: &str,
+    items: impl Iterator<Item = &'a Item> + Clone,
+) -> Result<Prepared, ServiceError> {
+    let received_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let mut by_meter: BTreeMap<(&str, &str), Vec<&Measurement>> = BTreeMap::new();
+    for item in items.clone() {
+        by_meter
+            .entry((item.measurement.meter.as_str(), item.meter_id.as_str()))
+            .or_default()
+            .push(&item.measurement);
+    }
+    let mut groups = Vec::new();
+    for ((meter, meter_id), ms) in by_meter {
+        for chunk in ms.chunks(MESSAGE_MEASUREMENTS) {
+            let group = GroupRef {
+                org_id: org,
+                meter,
+                meter_id,
+                received_at: &received_at,
+                measurements: chunk,
+            };
+            let mut headers = Codec::MsgPack.headers();
+            headers.insert("Meterline-Count", chunk.len().to_string().as_str());
+            groups.push(Outgoing {
+                subject: usage_subject(org, meter),
+                headers,
+                payload: Bytes::from(Codec::MsgPack.encode(&group)?),
+            });
+        }
+    }
+    let uids: Vec<&str> = items
+        .filter(|i| !i.measurement.generated_uid)
+        .map(|i| i.measurement.uid.as_str())
+        .collect();
+    let fps = uids.iter().map(|u| fingerprint(org, u)).collect();
+    let marker = MarkerRef {
+        day: today(),
+        groups: groups.len() as u32,
+        uids,
+    };
+    Ok(Prepared {
+        groups,
+        marker: Bytes::from(Codec::MsgPack.encode(&marker)?),
+        fps,
+    })
+}
+
+/// [`MeasurementGroup`] by reference, encoded without cloning.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupRef<'a> {
+    org_id: &'a str,
+    meter: &'a str,
+    meter_id: &'a str,
+    received_at: &'a str,
+    measurements: &'a [&'a Measurement],
+}
+
+/// [`Marker`] by reference.
+#[derive(serde::Serialize)]
+struct MarkerRef<'a> {
+    day: u32,
+    groups: u32,
+    uids: Vec<&'a str>,
+}
+
 struct Pending {
     items: Vec<Item>,
+    prepared: Prepared,
     reply: oneshot::Sender<Result<Outcome, ServiceError>>,
 }
 
@@ -101,6 +182,7 @@ impl Committer {
         if items.is_empty() {
             return Ok(Outcome::default());
         }
+        let prepared = prepare(org, items.iter())?;
         let (reply, rx) = oneshot::channel();
         let tx = {
             let mut workers = self.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
@@ -113,9 +195,13 @@ impl Committer {
                 })
                 .clone()
         };
-        tx.send(Pending { items, reply })
-            .await
-            .map_err(|_| ServiceError::unavailable("ingest is shutting down"))?;
+        tx.send(Pending {
+            items,
+            prepared,
+            reply,
+        })
+        .await
+        .map_err(|_| ServiceError::unavailable("ingest is shutting down"))?;
         rx.await
             .map_err(|_| ServiceError::unavailable("ingest is shutting down"))?
     }
@@ -124,18 +210,19 @@ impl Committer {
 async fn worker(inner: Arc<Inner>, org: String, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut count = first.items.len();
+        let mut messages = first.prepared.groups.len() + 1;
         let mut group = vec![first];
-        while count < GROUP_MEASUREMENTS {
+        while count < GROUP_MEASUREMENTS && messages < GROUP_MESSAGES {
             match rx.try_recv() {
                 Ok(p) => {
                     count += p.items.len();
+                    messages += p.prepared.groups.len() + 1;
                     group.push(p);
                 }
                 Err(_) => break,
             }
         }
-        let items: Vec<&[Item]> = group.iter().map(|p| p.items.as_slice()).collect();
-        let result = commit_group(&inner, &org, &items).await;
+        let result = commit_group(&inner, &org, &group).await;
         metrics::counter!("meterline_ingest_commits_total").increment(1);
         for (i, p) in group.into_iter().enumerate() {
             let _ = p
@@ -152,12 +239,19 @@ fn today() -> u32 {
 /// Reads a marker by sequence and returns its uids.
 async fn marker_uids(
     stream: &jetstream::stream::Stream,
+    org: &str,
     seq: u64,
 ) -> Result<HashSet<String>, ServiceError> {
     let m = stream
         .direct_get(seq)
         .await
         .map_err(|e| ServiceError::unavailable(format!("reading uid marker #{seq} failed: {e}")))?;
+    if m.subject.as_str() != marker_subject(org) {
+        return Err(ServiceError::internal(format!(
+            "#{seq} is {}, not a uid marker of {org}",
+            m.subject
+        )));
+    }
     let marker: Marker = rmp_serde::from_slice(&m.payload).map_err(ServiceError::internal)?;
     Ok(marker.uids.into_iter().collect())
 }
@@ -165,7 +259,7 @@ async fn marker_uids(
 async fn commit_group(
     inner: &Inner,
     org: &str,
-    requests: &[&[Item]],
+    requests: &[Pending],
 ) -> Result<Vec<Outcome>, ServiceError> {
     for _ in 0..ATTEMPTS {
         let expected = inner.index.last_seq(org);
@@ -173,94 +267,92 @@ async fn commit_group(
         // Decide: new, or a duplicate of an earlier commit or of an earlier
         // request in this group.
         let mut outcomes = vec![Outcome::default(); requests.len()];
+        let mut fresh: Vec<Vec<usize>> = vec![Vec::new(); requests.len()];
         let mut in_group: HashSet<&str> = HashSet::new();
         let mut to_check: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
-        let mut fresh: Vec<(usize, usize)> = Vec::new();
-        for (r, items) in requests.iter().enumerate() {
-            for (i, item) in items.iter().enumerate() {
+        for (r, p) in requests.iter().enumerate() {
+            let mut fps = p.prepared.fps.iter();
+            for (i, item) in p.items.iter().enumerate() {
                 let m = &item.measurement;
                 if m.generated_uid {
-                    fresh.push((r, i));
-                } else if !in_group.insert(m.uid.as_str()) {
+                    fresh[r].push(i);
+                    continue;
+                }
+                let fp = fps.next().copied().unwrap_or_default();
+                if !in_group.insert(m.uid.as_str()) {
                     outcomes[r].duplicates.push(item.index);
-                } else if let Some(c) = inner.index.candidate(org, fingerprint(org, &m.uid), day) {
+                } else if let Some(c) = inner.index.candidate(org, fp, day) {
                     to_check.entry(c.marker_seq).or_default().push((r, i));
                 } else {
-                    fresh.push((r, i));
+                    fresh[r].push(i);
                 }
             }
         }
         for (seq, refs) in to_check {
-            let uids = marker_uids(&inner.stream, seq).await?;
+            let uids = marker_uids(&inner.stream, org, seq).await?;
             for (r, i) in refs {
-                let item = &requests[r][i];
+                let item = &requests[r].items[i];
                 if uids.contains(&item.measurement.uid) {
                     outcomes[r].duplicates.push(item.index);
                 } else {
                     // A fingerprint collision: the uid is new.
-                    fresh.push((r, i));
+                    fresh[r].push(i);
                 }
             }
         }
-        if fresh.is_empty() {
-            return Ok(outcomes);
-        }
-        // Write: one message per meter (split if large) and the marker.
-        let received_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-        let mut by_meter: BTreeMap<(&str, &str), Vec<&Measurement>> = BTreeMap::new();
-        for &(r, i) in &fresh {
-            let item = &requests[r][i];
-            by_meter
-                .entry((item.measurement.meter.as_str(), item.meter_id.as_str()))
-                .or_default()
-                .push(&item.measurement);
-        }
+        // Write: each request's groups (re-encoded without its duplicates,
+        // if it had any), then one marker per request; the first marker
+        // carries the expected last sequence of `uidx.<org>`.
         let mut messages = Vec::new();
-        for ((meter, meter_id), ms) in by_meter {
-            for chunk in ms.chunks(MESSAGE_MEASUREMENTS) {
-                let group = MeasurementGroup {
-                    org_id: org.to_owned(),
-                    meter: meter.to_owned(),
-                    meter_id: meter_id.to_owned(),
-                    received_at: received_at.clone(),
-                    measurements: chunk.iter().map(|m| (*m).clone()).collect(),
-                };
-                let mut headers = Codec::MsgPack.headers();
-                headers.insert("Meterline-Count", chunk.len().to_string().as_str());
-                messages.push(Outgoing {
-                    subject: usage_subject(org, meter),
-                    headers,
-                    payload: Bytes::from(Codec::MsgPack.encode(&group)?),
-                });
+        let mut markers: Vec<(Bytes, Vec<u64>)> = Vec::new();
+        for (r, p) in requests.iter().enumerate() {
+            if fresh[r].is_empty() {
+                continue;
+            }
+            if fresh[r].len() == p.items.len() {
+                messages.extend(p.prepared.groups.iter().map(|g| Outgoing {
+                    subject: g.subject.clone(),
+                    headers: g.headers.clone(),
+                    payload: g.payload.clone(),
+                }));
+                markers.push((p.prepared.marker.clone(), p.prepared.fps.clone()));
+            } else {
+                fresh[r].sort_unstable();
+                let again = prepare(org, fresh[r].iter().map(|&i| &p.items[i]))?;
+                messages.extend(again.groups);
+                markers.push((again.marker, again.fps));
             }
         }
-        let uids: Vec<String> = fresh
-            .iter()
-            .map(|&(r, i)| &requests[r][i].measurement)
-            .filter(|m| !m.generated_uid)
-            .map(|m| m.uid.clone())
-            .collect();
-        let fps: Vec<u64> = uids.iter().map(|u| fingerprint(org, u)).collect();
-        let marker = Marker {
-            day,
-            groups: messages.len() as u32,
-            uids,
-        };
-        let mut headers = Codec::MsgPack.headers();
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            expected.to_string().as_str(),
-        );
-        messages.push(Outgoing {
-            subject: marker_subject(org),
-            headers,
-            payload: Bytes::from(Codec::MsgPack.encode(&marker)?),
-        });
+        if markers.is_empty() {
+            return Ok(outcomes);
+        }
+        let marker_count = markers.len() as u64;
+        for (k, (payload, _)) in markers.iter().enumerate() {
+            let mut headers = Codec::MsgPack.headers();
+            if k == 0 {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    expected.to_string().as_str(),
+                );
+            }
+            messages.push(Outgoing {
+                subject: marker_subject(org),
+                headers,
+                payload: payload.clone(),
+            });
+        }
         match batch::publish(&inner.client, messages, ACK_TIMEOUT).await {
             Ok(ack) => {
-                inner.index.apply(org, ack.sequence, day, fps);
-                for &(r, i) in &fresh {
-                    outcomes[r].accepted.push(requests[r][i].index);
+                // An atomic batch is stored contiguously: the markers are its
+                // last sequences.
+                let first = ack.sequence + 1 - marker_count;
+                for (k, (_, fps)) in markers.into_iter().enumerate() {
+                    inner.index.apply(org, first + k as u64, day, fps);
+                }
+                for (r, p) in requests.iter().enumerate() {
+                    outcomes[r]
+                        .accepted
+                        .extend(fresh[r].iter().map(|&i| p.items[i].index));
                 }
                 return Ok(outcomes);
             }

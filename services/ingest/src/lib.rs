@@ -17,7 +17,7 @@ pub mod meters;
 pub mod model;
 pub mod uids;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +40,7 @@ use meterline_shared::shutdown::CancellationToken;
 use meterline_shared::{admin, bus, provision, subjects, ServiceError};
 
 use crate::commit::{Committer, Item};
-use crate::meters::{Failure, Meters};
+use crate::meters::{Failure, Meter, Meters};
 use crate::model::{ErrorType, Marker, Rejection, SubmitReply, SubmitRequest, MAX_BATCH};
 use crate::uids::{fingerprint, UidIndex};
 
@@ -98,6 +98,10 @@ pub struct Ingest {
     committer: Committer,
 }
 
+fn new_uid() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 fn bad(message: impl Into<String>) -> ServiceError {
     ServiceError::bad_request(message)
 }
@@ -105,6 +109,20 @@ fn bad(message: impl Into<String>) -> ServiceError {
 impl Ingest {
     pub fn index(&self) -> &UidIndex {
         &self.index
+    }
+
+    fn meter(
+        &self,
+        org: &str,
+        code: &str,
+        known: &mut HashMap<String, Option<Arc<Meter>>>,
+    ) -> Option<Arc<Meter>> {
+        if let Some(m) = known.get(code) {
+            return m.clone();
+        }
+        let m = self.meters.get(org, code);
+        known.insert(code.to_owned(), m.clone());
+        m
     }
 
     /// Makes sure meters written before now are known, when a measurement
@@ -138,23 +156,27 @@ impl Ingest {
                 "measurements must hold 1 to {MAX_BATCH} measurements, not {n}"
             )));
         }
-        let mut caught_up = false;
         let mut items = Vec::with_capacity(n);
         let mut failures: Vec<(usize, Failure)> = Vec::new();
-        let mut uids_seen: HashSet<&str> = HashSet::new();
+        let mut uids_seen: HashSet<String> = HashSet::new();
+        // Meters looked up once per request; an unknown one once more after
+        // catching up with meters written moments ago.
+        let mut known: HashMap<String, Option<Arc<Meter>>> = HashMap::new();
+        let mut caught_up = false;
         for (index, raw) in req.measurements.iter().enumerate() {
-            let code = meters::meter_code(raw).unwrap_or_default();
-            let mut meter = self.meters.get(org, code);
-            if meter.is_none() && !code.is_empty() && !caught_up {
-                self.catch_up_meters(org).await;
+            let mut result =
+                meters::validate_raw(raw, |code| self.meter(org, code, &mut known), new_uid);
+            if matches!(&result, Err(f) if f.error_type == ErrorType::UndefinedMeter) && !caught_up
+            {
                 caught_up = true;
-                meter = self.meters.get(org, code);
+                self.catch_up_meters(org).await;
+                known.retain(|_, m| m.is_some());
+                result =
+                    meters::validate_raw(raw, |code| self.meter(org, code, &mut known), new_uid);
             }
-            match meters::validate(raw, meter.as_ref(), || uuid::Uuid::now_v7().to_string()) {
-                Ok(m) => {
-                    if !m.generated_uid
-                        && !uids_seen.insert(raw["uid"].as_str().unwrap_or_default())
-                    {
+            match result {
+                Ok((m, meter)) => {
+                    if !m.generated_uid && !uids_seen.insert(m.uid.clone()) {
                         failures.push((
                             index,
                             Failure {
@@ -167,10 +189,9 @@ impl Ingest {
                         ));
                         continue;
                     }
-                    let meter_id = meter.map(|m| m.id).unwrap_or_default();
                     items.push(Item {
                         index,
-                        meter_id,
+                        meter_id: meter.id.clone(),
                         measurement: m,
                     });
                 }
@@ -178,8 +199,15 @@ impl Ingest {
             }
         }
         let outcome = self.committer.commit(org, items).await?;
-        self.publish_failures(org, &req.measurements, &failures)
-            .await?;
+        // Rejected measurements as sent, for their events and the reply.
+        let rejected: Vec<Value> = failures
+            .iter()
+            .map(|(index, _)| {
+                let raw = req.measurements[*index].get();
+                serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()))
+            })
+            .collect();
+        self.publish_failures(org, &rejected, &failures).await?;
         metrics::counter!("meterline_ingest_measurements_total", "outcome" => "accepted")
             .increment(outcome.accepted.len() as u64);
         metrics::counter!("meterline_ingest_measurements_total", "outcome" => "duplicate")
@@ -193,12 +221,10 @@ impl Ingest {
             rejected: failures.len(),
             errors: failures
                 .into_iter()
-                .map(|(index, f)| Rejection {
+                .zip(&rejected)
+                .map(|((index, f), raw)| Rejection {
                     index,
-                    uid: req.measurements[index]
-                        .get("uid")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned),
+                    uid: raw.get("uid").and_then(Value::as_str).map(str::to_owned),
                     error_type: f.error_type,
                     message: f.message,
                 })
@@ -207,7 +233,7 @@ impl Ingest {
     }
 
     /// One `ingest.validation.failure` event per rejected measurement, with
-    /// the measurement as sent. The message id makes a retried request's
+    /// the measurement as sent (`raw`, in the order of `failures`). The message id makes a retried request's
     /// events de-duplicate within the stream's window.
     async fn publish_failures(
         &self,
@@ -220,8 +246,7 @@ impl Ingest {
         }
         let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut acks = Vec::with_capacity(failures.len());
-        for (index, f) in failures {
-            let measurement = &raw[*index];
+        for ((_, f), measurement) in failures.iter().zip(raw) {
             let event = json!({
                 "id": uuid::Uuid::now_v7().to_string(),
                 "eventName": FAILURE_EVENT,

@@ -3,7 +3,7 @@
 //! against them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use chrono::DateTime;
 use serde_json::{Map, Value};
@@ -64,14 +64,14 @@ impl Meter {
 /// (org, meter code) → meter, plus the `ENTITIES` sequence applied so far.
 #[derive(Default)]
 pub struct Meters {
-    inner: RwLock<HashMap<(String, String), Meter>>,
+    inner: RwLock<HashMap<(String, String), Arc<Meter>>>,
     /// meter id → code, to drop the old code when a meter is renamed.
     codes: RwLock<HashMap<(String, String), String>>,
     applied: watch::Sender<u64>,
 }
 
 impl Meters {
-    pub fn get(&self, org: &str, code: &str) -> Option<Meter> {
+    pub fn get(&self, org: &str, code: &str) -> Option<Arc<Meter>> {
         self.inner
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -90,7 +90,7 @@ impl Meters {
         if !ev.is_tombstone() {
             if let Some(m) = ev.new.as_ref().and_then(Meter::from_state) {
                 codes.insert(key_id, m.code.clone());
-                inner.insert((ev.org_id.clone(), m.code.clone()), m);
+                inner.insert((ev.org_id.clone(), m.code.clone()), Arc::new(m));
             }
         }
         drop(inner);
@@ -137,8 +137,196 @@ pub fn meter_code(raw: &Value) -> Option<&str> {
     raw.get("meter").and_then(Value::as_str)
 }
 
-/// Validates one raw measurement against its meter. `generated_uid` is used
-/// when the measurement has no uid of its own.
+/// A well-formed measurement, read without building a JSON tree. When a
+/// measurement does not fit this shape, [`validate`] reads it again as a
+/// tree to say precisely what is wrong.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    uid: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    meter: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    account: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    ts: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    ets: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    who: BTreeMap<String, String>,
+    #[serde(default)]
+    what: BTreeMap<String, String>,
+    #[serde(default, rename = "where")]
+    where_: BTreeMap<String, String>,
+    #[serde(default)]
+    other: BTreeMap<String, String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    measure: BTreeMap<String, f64>,
+    #[serde(default)]
+    cost: BTreeMap<String, f64>,
+    #[serde(default)]
+    income: BTreeMap<String, f64>,
+}
+
+/// Validates one measurement as sent. The common case (well-formed) is read
+/// straight into a [`Measurement`]; anything else is read as a JSON tree by
+/// [`validate`], which names the problem.
+pub fn validate_raw(
+    raw: &serde_json::value::RawValue,
+    mut meter_of: impl FnMut(&str) -> Option<Arc<Meter>>,
+    generated_uid: impl FnOnce() -> String,
+) -> Result<(Measurement, Arc<Meter>), Failure> {
+    let Ok(w) = serde_json::from_str::<Wire>(raw.get()) else {
+        let value: Value = serde_json::from_str(raw.get()).map_err(|e| {
+            fail(
+                ErrorType::InvalidMeasurement,
+                format!("unreadable measurement: {e}"),
+            )
+        })?;
+        let meter = meter_code(&value).and_then(&mut meter_of);
+        let m = validate(&value, meter.as_deref(), generated_uid)?;
+        return meter
+            .map(|meter| (m, meter))
+            .ok_or_else(|| fail(ErrorType::UndefinedMeter, "meter is not defined"));
+    };
+    let uid = w.uid.filter(|u| !u.is_empty());
+    if uid
+        .as_ref()
+        .is_some_and(|u| u.chars().count() > MAX_UID_LEN)
+    {
+        return Err(fail(
+            ErrorType::InvalidUid,
+            format!("uid is longer than {MAX_UID_LEN} characters"),
+        ));
+    }
+    validate_token("meter", &w.meter).map_err(|e| fail(ErrorType::UndefinedMeter, e.message))?;
+    if w.account.is_empty() || w.account.chars().count() > 80 {
+        return Err(fail(
+            ErrorType::InvalidField,
+            "account must be 1 to 80 characters",
+        ));
+    }
+    check_times(&w.ts, w.ets.as_deref())?;
+    let meter = meter_of(&w.meter).ok_or_else(|| {
+        fail(
+            ErrorType::UndefinedMeter,
+            format!("meter {:?} is not defined", w.meter),
+        )
+    })?;
+    let m = Measurement {
+        generated_uid: uid.is_none(),
+        uid: uid.map_or_else(generated_uid, |u| u.into_owned()),
+        meter: w.meter.into_owned(),
+        account: w.account.into_owned(),
+        ts: w.ts.into_owned(),
+        ets: w.ets.map(|e| e.into_owned()),
+        who: w.who,
+        what: w.what,
+        where_: w.where_,
+        other: w.other,
+        metadata: w.metadata,
+        measure: w.measure,
+        cost: w.cost,
+        income: w.income,
+    };
+    check_fields(&m, &meter)?;
+    Ok((m, meter))
+}
+
+fn check_times(ts: &str, ets: Option<&str>) -> Result<(), Failure> {
+    if !is_date_time(ts) {
+        return Err(fail(
+            ErrorType::InvalidTimestamp,
+            format!("ts {ts:?} is not an ISO-8601 date-time"),
+        ));
+    }
+    if let Some(e) = ets {
+        if !is_date_time(e) {
+            return Err(fail(
+                ErrorType::InvalidTimestamp,
+                format!("ets {e:?} is not an ISO-8601 date-time"),
+            ));
+        }
+        if let (Ok(a), Ok(b)) = (
+            DateTime::parse_from_rfc3339(ts),
+            DateTime::parse_from_rfc3339(e),
+        ) {
+            if b < a {
+                return Err(fail(ErrorType::InvalidTimestamp, "ets is before ts"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every data field of a measurement is a field of its meter, in its
+/// category, and no code is used in two categories.
+fn check_fields(m: &Measurement, meter: &Meter) -> Result<(), Failure> {
+    let text: [(&str, &BTreeMap<String, String>); 5] = [
+        ("who", &m.who),
+        ("what", &m.what),
+        ("where", &m.where_),
+        ("other", &m.other),
+        ("metadata", &m.metadata),
+    ];
+    let numbers: [(&str, &BTreeMap<String, f64>); 3] = [
+        ("measure", &m.measure),
+        ("cost", &m.cost),
+        ("income", &m.income),
+    ];
+    let codes = text
+        .iter()
+        .flat_map(|(c, map)| map.keys().map(move |k| (*c, k)))
+        .chain(
+            numbers
+                .iter()
+                .flat_map(|(c, map)| map.keys().map(move |k| (*c, k))),
+        );
+    // Meters have at most 30 fields: a list beats a map here.
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for (cat, code) in codes.clone() {
+        if let Some((_, other)) = seen.iter().find(|(c, _)| *c == code.as_str()) {
+            return Err(fail(
+                ErrorType::DuplicateField,
+                format!("field {code:?} is given in both {other} and {cat}"),
+            ));
+        }
+        seen.push((code.as_str(), cat));
+    }
+    for (cat, code) in codes {
+        match meter.fields.get(code) {
+            Some(c) if *c == cat => {}
+            Some(c) => {
+                return Err(fail(
+                    ErrorType::UndefinedField,
+                    format!(
+                        "field {code:?} of meter {:?} is a {c} field, not {cat}",
+                        meter.code
+                    ),
+                ))
+            }
+            None => {
+                return Err(fail(
+                    ErrorType::UndefinedField,
+                    format!("meter {:?} has no field {code:?}", meter.code),
+                ))
+            }
+        }
+    }
+    if let Some((code, _)) = m.metadata.iter().find(|(_, v)| v.chars().count() > 256) {
+        return Err(fail(
+            ErrorType::InvalidField,
+            format!("metadata.{code} is longer than 256 characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates one measurement given as a JSON tree against its meter.
+/// `generated_uid` is used when the measurement has no uid of its own.
 pub fn validate(
     raw: &Value,
     meter: Option<&Meter>,

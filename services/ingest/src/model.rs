@@ -4,19 +4,20 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// The most measurements one request may carry (m3ter's limit).
 pub const MAX_BATCH: usize = 1000;
 /// The longest uid m3ter accepts.
 pub const MAX_UID_LEN: usize = 50;
 
-/// A submit request: `{"measurements": [...]}`. Items stay raw JSON until
-/// validated, so a failure event can carry the measurement as it was sent.
+/// A submit request: `{"measurements": [...]}`. Items stay raw JSON text
+/// until validated, so a failure event can carry the measurement as it was
+/// sent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SubmitRequest {
-    pub measurements: Vec<Value>,
+pub struct SubmitRequest<'a> {
+    #[serde(borrow)]
+    pub measurements: Vec<&'a serde_json::value::RawValue>,
 }
 
 /// One valid measurement, as stored.

@@ -16,21 +16,21 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 /// How long a uid is remembered, in days.
 pub const WINDOW_DAYS: u32 = 35;
 
-/// A stable 64-bit fingerprint of (org, uid): the same on every replica and
-/// across restarts.
+/// A 64-bit fingerprint of (org, uid). Fingerprints are never stored: every
+/// replica computes them from the uids in the markers when it replays them,
+/// so the hash only has to be fast, well spread and the same within one
+/// process (the standard library's SipHash with its fixed keys).
 pub fn fingerprint(org: &str, uid: &str) -> u64 {
-    let mut h = Sha256::new();
-    h.update(org.as_bytes());
-    h.update([0]);
-    h.update(uid.as_bytes());
-    let d = h.finalize();
-    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    org.hash(&mut h);
+    uid.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Clone, Copy)]

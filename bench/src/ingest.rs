@@ -1,0 +1,224 @@
+//! Ingest: measurements per second in 1000-measurement batches with
+//! de-duplication on, beside raw JetStream publishes of the same bytes in the
+//! same grouping (one MessagePack group per meter plus the uid marker) on a
+//! bare stream; p99 request latency; memory per remembered uid.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use meterline_ingest::model::{Marker, Measurement, MeasurementGroup};
+use meterline_ingest::uids::{fingerprint, UidIndex};
+use meterline_shared::codec::Codec;
+use meterline_shared::protocol::EntityRequest;
+use meterline_shared::shutdown::CancellationToken;
+use meterline_shared::testkit::NatsServer;
+use meterline_shared::{bus, subjects};
+
+use crate::{compare, env_usize, measure, Figure, Row, Running, ORG};
+
+const BATCH: usize = 1000;
+/// JetStream's own de-duplication (`Nats-Msg-Id`) keeps about this much
+/// server memory per remembered id.
+const JETSTREAM_BYTES_PER_ID: f64 = 220.0;
+
+fn measurements(batch: usize) -> Vec<Value> {
+    (0..BATCH)
+        .map(|i| {
+            json!({"uid": format!("m-{batch}-{i}"), "meter": "api", "account": format!("acct-{}", i % 50),
+                   "ts": "2024-05-01T10:00:00Z", "measure": {"calls": i}, "who": {"user": format!("user-{}", i % 7)}})
+        })
+        .collect()
+}
+
+/// The bytes ingest stores for one batch: the group message and the marker.
+fn stored_form(batch: usize, raw: &[Value]) -> anyhow::Result<(Bytes, Bytes)> {
+    let ms: Vec<Measurement> = raw
+        .iter()
+        .map(|v| serde_json::from_value(v.clone()))
+        .collect::<Result<_, _>>()?;
+    let uids = ms.iter().map(|m| m.uid.clone()).collect();
+    let group = MeasurementGroup {
+        org_id: ORG.into(),
+        meter: "api".into(),
+        meter_id: format!("meter-{batch}"),
+        received_at: "2024-05-01T10:00:00.000Z".into(),
+        measurements: ms,
+    };
+    let marker = Marker {
+        day: 20_000,
+        groups: 1,
+        uids,
+    };
+    Ok((
+        Bytes::from(Codec::MsgPack.encode(&group)?),
+        Bytes::from(Codec::MsgPack.encode(&marker)?),
+    ))
+}
+
+fn rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<usize>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Bytes per remembered uid in the index, by its maps' capacity, and by the
+/// process's resident memory.
+fn uid_memory(n: usize) -> (f64, f64) {
+    let before = rss_bytes();
+    let index = UidIndex::default();
+    let mut next = 0;
+    let mut seq = 1;
+    while next < n {
+        let end = (next + BATCH).min(n);
+        index.apply(
+            ORG,
+            seq,
+            20_000,
+            (next..end).map(|i| fingerprint(ORG, &format!("uid-{i}"))),
+        );
+        next = end;
+        seq += 1;
+    }
+    let rss = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    (index.heap_bytes() as f64 / n as f64, rss)
+}
+
+pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
+    let batches = env_usize("BENCH_INGEST_BATCHES", 400);
+    let concurrency = env_usize("BENCH_CONCURRENCY", 64).min(32);
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let stop = CancellationToken::new();
+    let entities =
+        meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url())).await?;
+    let entities = Running {
+        task: tokio::spawn(entities.run_until_stopped(stop.clone())),
+        stop: stop.clone(),
+    };
+    let ingest =
+        meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url())).await?;
+    let ingest = Running {
+        task: tokio::spawn(ingest.run_until_stopped(stop.clone())),
+        stop,
+    };
+    let meter = EntityRequest {
+        body: Some(json!({"name": "API", "code": "api", "dataFields": [
+            {"category": "MEASURE", "code": "calls", "name": "Calls", "unit": "{call}"},
+            {"category": "WHO", "code": "user", "name": "User"}], "derivedFields": []})),
+        ..Default::default()
+    };
+    bus::request(
+        &client,
+        subjects::entities_request(ORG, "meter", "create"),
+        Default::default(),
+        serde_json::to_vec(&meter)?.into(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("meter: {e}"))?;
+
+    js.create_stream(stream::Config {
+        name: "RAWUSAGE".into(),
+        subjects: vec!["rawusage.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let raw_batches: Vec<Vec<Value>> = (0..batches).map(measurements).collect();
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        raw_batches
+            .iter()
+            .map(|ms| serde_json::to_vec(&json!({ "measurements": ms })).map(Bytes::from))
+            .collect::<Result<_, _>>()?,
+    );
+    let stored: Arc<Vec<(Bytes, Bytes)>> = Arc::new(
+        raw_batches
+            .iter()
+            .enumerate()
+            .map(|(b, ms)| stored_form(b, ms))
+            .collect::<anyhow::Result<_>>()?,
+    );
+    println!(
+        "ingest: {batches} batches of {BATCH} at {concurrency} in flight; request body {} bytes, stored {} + {} bytes per batch",
+        bodies[0].len(),
+        stored[0].0.len(),
+        stored[0].1.len()
+    );
+
+    let rounds = 4;
+    let per_round = batches / rounds;
+    let (mut raw, mut nats_path) = (Figure::empty(), Figure::empty());
+    for round in 0..rounds {
+        let base = round * per_round;
+        raw.add(
+            measure(per_round, concurrency, |i| {
+                let js = js.clone();
+                let stored = stored.clone();
+                async move {
+                    let (group, marker) = &stored[base + i];
+                    let a = js
+                        .publish(format!("rawusage.{ORG}.api"), group.clone())
+                        .await?;
+                    let b = js
+                        .publish(format!("rawusage.uidx.{ORG}"), marker.clone())
+                        .await?;
+                    a.await?;
+                    b.await?;
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+        nats_path.add(
+            measure(per_round, concurrency, |i| {
+                let client = client.clone();
+                let bodies = bodies.clone();
+                async move {
+                    let reply = bus::request(
+                        &client,
+                        subjects::ingest_submit(ORG),
+                        Default::default(),
+                        bodies[base + i].clone(),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("submit: {e}"))?;
+                    let v: Value = serde_json::from_slice(&reply)?;
+                    anyhow::ensure!(v["accepted"] == BATCH, "not all accepted: {v}");
+                    Ok(())
+                }
+            })
+            .await?,
+        );
+    }
+    ingest.stop().await;
+    entities.stop().await;
+
+    let mut rows = compare(
+        "ingest, NATS request path",
+        "measurements",
+        BATCH,
+        &nats_path,
+        &raw,
+    );
+    for n in [1_000_000usize, 10_000_000] {
+        let (heap, rss) = uid_memory(n);
+        println!("uid index at {n} uids: {heap:.1} bytes/uid by capacity, {rss:.1} bytes/uid by resident memory");
+        rows.push(Row {
+            figure: format!(
+                "memory per remembered uid at {}M uids, bytes (raw: JetStream Nats-Msg-Id)",
+                n / 1_000_000
+            ),
+            meterline: format!("{heap:.1}"),
+            raw: format!("{JETSTREAM_BYTES_PER_ID:.0}"),
+            ratio: format!("{:.2}", heap / JETSTREAM_BYTES_PER_ID),
+        });
+    }
+    Ok(rows)
+}
