@@ -21,6 +21,7 @@ pub const MAX_INTERVAL: Duration = Duration::days(3);
 pub fn check(ty: &str, body: &Value) -> Result<(), ServiceError> {
     match ty {
         "exportschedule" => check_schedule(body),
+        "meter" => check_meter(body),
         "scheduledeventconfig" => check_scheduled_event(body),
         _ => Ok(()),
     }
@@ -160,6 +161,16 @@ pub fn check_cron(expr: &str) -> Result<cron::Schedule, ServiceError> {
     Ok(schedule)
 }
 
+/// A meter's code names its usage subject (`usage.<org>.<code>`), so it
+/// must be a subject-safe token: m3ter's code rules allow a `.`, Meterline's
+/// do not.
+fn check_meter(body: &Value) -> Result<(), ServiceError> {
+    match body.get("code").and_then(Value::as_str) {
+        Some(code) => meterline_shared::subjects::validate_token("code", code),
+        None => Ok(()),
+    }
+}
+
 fn check_scheduled_event(body: &Value) -> Result<(), ServiceError> {
     let entity = body
         .get("entity")
@@ -230,6 +241,14 @@ mod tests {
             sched(json!({"cronExpression": "0 * * * *", "period": 1, "scheduleType": "HOUR"}))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn meter_codes_are_subject_safe() {
+        check("meter", &json!({"code": "api_calls"})).unwrap();
+        for bad in ["api.calls", "api calls", "api*", "a>"] {
+            assert!(check("meter", &json!({ "code": bad })).is_err(), "{bad}");
+        }
     }
 
     #[test]
