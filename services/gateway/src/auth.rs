@@ -53,6 +53,14 @@ pub struct Caller {
     pub service_user_id: String,
 }
 
+impl Caller {
+    /// The key of the caller's per-source rate limit: `<org>.<service
+    /// user>` (an org id never contains a dot, so keys cannot collide).
+    pub fn source_key(&self) -> String {
+        format!("{}.{}", self.org_id, self.service_user_id)
+    }
+}
+
 /// Signs and verifies tokens with one HS256 key.
 #[derive(Clone)]
 pub struct TokenKeys {
@@ -238,7 +246,10 @@ pub async fn issue_token(
         } else {
             None
         };
-        ApiError { error: e, oauth }
+        ApiError {
+            oauth,
+            ..ApiError::from(e)
+        }
     })?;
     let principal: Principal = serde_json::from_slice(&reply).map_err(ServiceError::internal)?;
     let token = state.inner.keys.issue(&principal)?;

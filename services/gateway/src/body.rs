@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRef, FromRequest, Request};
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use bytes::BytesMut;
 use futures::StreamExt;
 use meterline_shared::ErrorCode;
@@ -37,15 +37,29 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let limit = AppState::from_ref(state).inner.body_limit;
-        let content_length = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let content_length = content_length(req.headers());
         read(req.into_body(), limit, content_length)
             .await
             .map(LimitedBody)
     }
+}
+
+/// The request's `Content-Length`, if it has a valid one.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Reads and throws away a body the gateway refuses without reading (a
+/// rate-limited request, say), within the same bounds as an over-limit
+/// body, so the client can read the refusal.
+pub async fn discard(body: Body, content_length: Option<u64>) {
+    if content_length.is_some_and(|n| n > DRAIN_MAX_BYTES) {
+        return;
+    }
+    drain(body.into_data_stream()).await;
 }
 
 /// The whole body, or 413 when it is larger than `limit` bytes.

@@ -1,6 +1,8 @@
 //! Errors as the HTTP client sees them: every error response is JSON
 //! `{"message": "..."}` with the status its [`ErrorCode`] decides.
 
+use std::time::Duration;
+
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -10,12 +12,15 @@ use meterline_shared::{ErrorCode, ServiceError};
 use serde::Serialize;
 
 /// The error of every handler: a [`ServiceError`] plus, for the OAuth token
-/// endpoint, the RFC 6749 `error` code.
+/// endpoint, the RFC 6749 `error` code, and for a rate limit, when to retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub error: ServiceError,
     /// RFC 6749 §5.2 error code (`invalid_client`, ...), only on `/oauth/token`.
     pub oauth: Option<&'static str>,
+    /// When the request may be retried: sent as `Retry-After` (whole
+    /// seconds) and `retry-after-ms` (which m3ter's SDKs read first).
+    pub retry_after: Option<Duration>,
 }
 
 #[derive(Serialize)]
@@ -30,6 +35,7 @@ impl ApiError {
         ApiError {
             error: ServiceError::new(code, message),
             oauth: None,
+            retry_after: None,
         }
     }
 
@@ -43,6 +49,12 @@ impl ApiError {
 
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Forbidden, message)
+    }
+
+    /// Tells the client when to retry.
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
     }
 
     /// Adds an OAuth error code to the body.
@@ -59,7 +71,11 @@ impl ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(error: ServiceError) -> Self {
-        ApiError { error, oauth: None }
+        ApiError {
+            error,
+            oauth: None,
+            retry_after: None,
+        }
     }
 }
 
@@ -84,6 +100,18 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if let Some(wait) = self.retry_after {
+            let headers = response.headers_mut();
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(crate::ratelimit::retry_after_secs(wait)),
+            );
+            let ms = wait.as_micros().div_ceil(1000).max(1);
+            headers.insert(
+                "retry-after-ms",
+                HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)),
+            );
         }
         response
     }
@@ -177,6 +205,18 @@ mod tests {
         let body = axum::body::to_bytes(r.into_body(), 1024).await.unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v, serde_json::json!({"message": "version 3 is stale"}));
+    }
+
+    #[tokio::test]
+    async fn rate_limit_errors_say_when_to_retry() {
+        let r = ApiError::new(ErrorCode::TooManyRequests, "slow down")
+            .with_retry_after(Duration::from_millis(1200))
+            .into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(r.headers()["retry-after-ms"], "1200");
+        let r = ApiError::new(ErrorCode::TooManyRequests, "slow down").into_response();
+        assert!(!r.headers().contains_key(header::RETRY_AFTER));
     }
 
     #[tokio::test]

@@ -3,19 +3,25 @@
 //! The gateway owns what only an HTTP edge can own: m3ter-compatible REST
 //! routes (generated from the entity registry, so a new entity type needs no
 //! gateway code), `POST /oauth/token`, bearer-token authentication,
-//! organization isolation, the request body limit, the OpenAPI document and
-//! the mapping of typed errors to HTTP statuses with JSON bodies.
+//! organization isolation, request body limits, rate limits, the OpenAPI
+//! document and the mapping of typed errors to HTTP statuses with JSON
+//! bodies.
 //!
-//! It owns no domain logic and no state: every entity request becomes one
-//! NATS request to `svc.entities.<org>.<type>.<op>` carrying the caller in
-//! the `Meterline-Actor` header, and the reply is returned as is. Validation
-//! of bodies, versions, references and credentials lives in
-//! `meterline-entities`. Because tokens are verified locally (HS256 with a
-//! shared key), any number of gateway replicas can run behind one address.
+//! It owns no domain logic and no durable state: every entity request
+//! becomes one NATS request to `svc.entities.<org>.<type>.<op>` carrying the
+//! caller in the `Meterline-Actor` header, and the reply is returned as is;
+//! a batch of measurements becomes one request to `svc.ingest.<org>.submit`.
+//! Validation of bodies, versions, references, credentials and measurements
+//! lives in `meterline-entities` and `meterline-ingest`. Because tokens are
+//! verified locally (HS256 with a shared key), any number of gateway
+//! replicas can run behind one address. The one state it keeps is the token
+//! buckets of its rate limits ([`ratelimit`]), in memory, so those limits
+//! apply per replica.
 //!
 //! | method | path | NATS subject |
 //! |---|---|---|
 //! | POST | `/oauth/token` | `svc.auth.verify` |
+//! | POST | `/organizations/{orgId}/measurements` | `svc.ingest.<org>.submit` |
 //! | GET, POST | `/organizations/{orgId}/<path>` | `svc.entities.<org>.<type>.list` / `.create` |
 //! | GET, PUT, DELETE | `/organizations/{orgId}/<path>/{id}` | `.get` / `.update` / `.delete` |
 //! | GET | `/openapi.json`, `/docs/openapi.json`, `/healthz` | — |
@@ -23,6 +29,8 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod measurements;
+pub mod ratelimit;
 pub mod routes;
 
 use std::future::IntoFuture;
@@ -74,6 +82,38 @@ pub struct Settings {
     /// The URL clients reach the gateway at (behind a proxy, say). When set,
     /// it is the `servers` entry of the served OpenAPI document.
     pub public_url: Option<String>,
+    /// The largest body of `POST /organizations/{orgId}/measurements`, in
+    /// bytes; larger bodies get 413. m3ter's limit: a batch must be under
+    /// 512,000 bytes (about 1000 measurements of a few fields each).
+    pub measurements_body_limit_bytes: usize,
+    /// Measurement requests per second that one organization may make, over
+    /// all its service users. Rate limits are token buckets kept in memory
+    /// by each gateway replica, so they apply per replica: with `n`
+    /// replicas an org can reach `n` times this rate. m3ter allows 50 per
+    /// org; at up to 1000 measurements a request that is 50,000
+    /// measurements per second per replica. 0 disables the limit.
+    pub measurements_org_rate_per_sec: f64,
+    /// How many measurement requests an organization may make at once after
+    /// a quiet period (the bucket size). 0: the rate, rounded up.
+    pub measurements_org_burst: u32,
+    /// Measurement requests per second from one source (a service user, the
+    /// `sub` of its bearer token), per replica, so one runaway producer
+    /// cannot take all of its organization's rate. m3ter limits a source
+    /// host to about 16 per second; 25 leaves room for batch back-fills.
+    /// 0 disables the limit.
+    pub measurements_source_rate_per_sec: f64,
+    /// The burst of one source's measurement requests. 0: the rate, rounded
+    /// up.
+    pub measurements_source_burst: u32,
+    /// Requests per second that one organization may make to every other
+    /// `/organizations/{orgId}/...` route (m3ter's Config API, which allows
+    /// 50), per replica. Higher than the measurements limit because these
+    /// are single small reads and writes that scripts and SDK syncs issue
+    /// in quick runs. 0 disables the limit.
+    pub config_org_rate_per_sec: f64,
+    /// The burst of one organization's other requests. 0: the rate, rounded
+    /// up.
+    pub config_org_burst: u32,
 }
 
 impl Default for Settings {
@@ -86,6 +126,13 @@ impl Default for Settings {
             token_ttl_secs: 18_000,
             body_limit_bytes: 1024 * 1024,
             public_url: None,
+            measurements_body_limit_bytes: 512_000,
+            measurements_org_rate_per_sec: 50.0,
+            measurements_org_burst: 100,
+            measurements_source_rate_per_sec: 25.0,
+            measurements_source_burst: 50,
+            config_org_rate_per_sec: 100.0,
+            config_org_burst: 200,
         }
     }
 }
@@ -94,7 +141,9 @@ impl Default for Settings {
 pub const TEST_JWT_SECRET: &str = "meterline-test-signing-key";
 
 impl Settings {
-    /// Settings for tests: free ports on localhost, a fixed signing key.
+    /// Settings for tests: free ports on localhost, a fixed signing key, and
+    /// no rate limits (system tests and benchmarks drive one org hard; tests
+    /// of the limits set them).
     pub fn for_tests(nats_url: &str) -> Settings {
         Settings {
             nats: NatsSettings {
@@ -104,8 +153,32 @@ impl Settings {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             jwt_secret: Secret::new(TEST_JWT_SECRET),
+            measurements_org_rate_per_sec: 0.0,
+            measurements_source_rate_per_sec: 0.0,
+            config_org_rate_per_sec: 0.0,
             ..Settings::default()
         }
+    }
+
+    /// Refuses settings that cannot mean what the operator wanted.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (name, rate) in [
+            (
+                "measurements_org_rate_per_sec",
+                self.measurements_org_rate_per_sec,
+            ),
+            (
+                "measurements_source_rate_per_sec",
+                self.measurements_source_rate_per_sec,
+            ),
+            ("config_org_rate_per_sec", self.config_org_rate_per_sec),
+        ] {
+            anyhow::ensure!(
+                rate.is_finite() && rate >= 0.0,
+                "{name} must be a number of requests per second, 0 or more (0 disables the limit), got {rate}"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -119,6 +192,8 @@ struct Inner {
     nats: async_nats::Client,
     keys: TokenKeys,
     body_limit: usize,
+    measurements_body_limit: usize,
+    limits: ratelimit::RateLimits,
     openapi: Bytes,
 }
 
@@ -142,6 +217,8 @@ impl AppState {
                 nats,
                 keys: TokenKeys::new(&secret, Duration::from_secs(settings.token_ttl_secs)),
                 body_limit: settings.body_limit_bytes,
+                measurements_body_limit: settings.measurements_body_limit_bytes,
+                limits: ratelimit::RateLimits::from_settings(settings),
                 openapi: openapi_document(settings.public_url.as_deref()),
             }),
         }
@@ -180,9 +257,23 @@ async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
 
 /// The whole HTTP API. Tests can drive it without a socket.
 pub fn router(state: AppState) -> Router {
-    let organizations = routes::entity_routes(&state).route_layer(
-        axum::middleware::from_fn_with_state(state.clone(), auth::require_bearer),
-    );
+    use axum::middleware::from_fn_with_state;
+    // The route layer added last runs first: the bearer check, then the
+    // route's rate limit, which needs the caller the check found.
+    let config = routes::entity_routes(&state).route_layer(from_fn_with_state(
+        state.clone(),
+        ratelimit::limit_config_routes,
+    ));
+    let measurements = Router::new()
+        .route(measurements::PATH, post(measurements::submit))
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            ratelimit::limit_measurements,
+        ))
+        .with_state(state.clone());
+    let organizations = config
+        .merge(measurements)
+        .route_layer(from_fn_with_state(state.clone(), auth::require_bearer));
     let public = Router::new()
         .route("/oauth/token", post(auth::issue_token))
         .route("/openapi.json", get(openapi))
@@ -218,6 +309,7 @@ impl App {
     /// ones). The admin port serves from here on; `/readyz` reports ready
     /// once NATS is connected.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        settings.validate()?;
         let nats = bus::connect(&settings.nats, "meterline-gateway")
             .await
             .context("connecting to NATS")?;
@@ -298,15 +390,32 @@ mod tests {
     /// A router whose bus is unreachable: enough for everything the gateway
     /// decides on its own.
     async fn offline_router() -> Router {
+        offline_router_with(Settings::for_tests("nats://127.0.0.1:1")).await
+    }
+
+    async fn offline_router_with(settings: Settings) -> Router {
         let nats = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect("nats://127.0.0.1:1")
             .await
             .unwrap();
-        router(AppState::new(
-            nats,
-            &Settings::for_tests("nats://127.0.0.1:1"),
-        ))
+        router(AppState::new(nats, &settings))
+    }
+
+    fn token(org: &str) -> String {
+        let keys = TokenKeys::new(TEST_JWT_SECRET.as_bytes(), Duration::from_secs(60));
+        keys.issue(&meterline_shared::protocol::Principal {
+            org_id: org.into(),
+            service_user_id: "su1".into(),
+        })
+        .unwrap()
+    }
+
+    fn submit(org: &str, body: impl Into<Body>) -> Request<Body> {
+        Request::post(format!("/organizations/{org}/measurements"))
+            .header("authorization", format!("Bearer {}", token(org)))
+            .body(body.into())
+            .unwrap()
     }
 
     async fn call(router: Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
@@ -334,6 +443,93 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         let (status, _) = call(r, get("/nowhere")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn measurements_are_refused_before_the_bus_when_they_must_be() {
+        let mut settings = Settings::for_tests("nats://127.0.0.1:1");
+        settings.measurements_body_limit_bytes = 100;
+        // One request, then none for a thousand seconds.
+        settings.measurements_org_rate_per_sec = 0.001;
+        settings.measurements_org_burst = 1;
+        let r = offline_router_with(settings).await;
+        let unauthenticated = Request::post("/organizations/o1/measurements")
+            .body(Body::from("{}"))
+            .unwrap();
+        let (status, _) = call(r.clone(), unauthenticated).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // The first request takes the org's one token, and is not JSON.
+        let (status, body) = call(r.clone(), submit("o1", "not json")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed JSON"));
+        let res = r.clone().oneshot(submit("o1", "{}")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1000");
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["message"],
+            "rate limit of 0.001 requests per second for organization o1 exceeded; retry after 1000 s"
+        );
+        // Another org has its own bucket; its body is over the limit.
+        let (status, body) = call(r.clone(), submit("o2", "x".repeat(101))).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        let (status, _) = call(r, submit("o2", "x".repeat(101))).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[test]
+    fn bad_rates_are_refused_at_start_and_defaults_are_as_documented() {
+        let d = Settings::default();
+        assert_eq!(d.measurements_body_limit_bytes, 512_000);
+        assert_eq!(
+            (d.measurements_org_rate_per_sec, d.measurements_org_burst),
+            (50.0, 100)
+        );
+        assert_eq!(
+            (
+                d.measurements_source_rate_per_sec,
+                d.measurements_source_burst
+            ),
+            (25.0, 50)
+        );
+        assert_eq!(
+            (d.config_org_rate_per_sec, d.config_org_burst),
+            (100.0, 200)
+        );
+        d.validate().unwrap();
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let s = Settings {
+                measurements_source_rate_per_sec: bad,
+                ..Settings::default()
+            };
+            assert!(s.validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn rate_limits_load_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("METERLINE_GATEWAY_MEASUREMENTS_ORG_RATE_PER_SEC", "200");
+            jail.set_env("METERLINE_GATEWAY_MEASUREMENTS_ORG_BURST", "400");
+            jail.set_env("METERLINE_GATEWAY_MEASUREMENTS_SOURCE_RATE_PER_SEC", "0.5");
+            jail.set_env("METERLINE_GATEWAY_CONFIG_ORG_RATE_PER_SEC", "0");
+            let s: Settings =
+                meterline_shared::settings::load("GATEWAY").map_err(|e| e.to_string())?;
+            assert_eq!(s.measurements_org_rate_per_sec, 200.0);
+            assert_eq!(s.measurements_org_burst, 400);
+            assert_eq!(s.measurements_source_rate_per_sec, 0.5);
+            assert_eq!(s.measurements_source_burst, 50);
+            assert_eq!(s.config_org_rate_per_sec, 0.0);
+            assert_eq!(s.measurements_body_limit_bytes, 512_000);
+            Ok(())
+        });
     }
 
     #[test]

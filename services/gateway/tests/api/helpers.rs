@@ -154,6 +154,33 @@ impl Entities {
     }
 }
 
+/// The real ingest service, running in this process.
+pub struct Ingest {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Ingest {
+    /// Builds (which registers its submit endpoint) and runs the service.
+    pub async fn start(nats: &NatsServer) -> Ingest {
+        let app = within(
+            "building ingest",
+            meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url())),
+        )
+        .await
+        .expect("build ingest");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+        Ingest { stop, task }
+    }
+
+    /// Stops the service and checks it exits cleanly, in time.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        within("ingest stopping", self.task).await.unwrap().unwrap();
+    }
+}
+
 /// A nats-server, the entities service, a gateway in front of it and one
 /// org bootstrapped with a service user and access key.
 pub struct World {

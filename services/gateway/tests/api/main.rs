@@ -9,7 +9,10 @@
 //!   service being down, shutdown.
 //! - `entities`: entity behaviour driven over HTTP: CRUD, paging, child
 //!   collections, and what the entities service refuses.
+//! - `measurements`: `POST /organizations/{orgId}/measurements` in front of
+//!   the real ingest service: batches, the body limit, rate limits.
 
 mod edge;
 mod entities;
 mod helpers;
+mod measurements;
