@@ -107,8 +107,34 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url())).await?;
     let ingest = Running {
         task: tokio::spawn(ingest.run_until_stopped(stop.clone())),
+        stop: stop.clone(),
+    };
+    // The gateway as tests build it: no rate limits, so the figure is the
+    // path's own speed.
+    let gateway =
+        meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url())).await?;
+    let url = format!("http://{}", gateway.http_addr());
+    let gateway = Running {
+        task: tokio::spawn(gateway.run_until_stopped(stop.clone())),
         stop,
     };
+    let creds = meterline_entities::bootstrap(&client, ORG, "Bench", "bench-ingest")
+        .await
+        .map_err(|e| anyhow::anyhow!("bootstrap: {e}"))?;
+    let http = reqwest::Client::new();
+    let token: Value = http
+        .post(format!("{url}/oauth/token"))
+        .basic_auth(&creds.access_key, Some(&creds.secret))
+        .json(&json!({"grant_type": "client_credentials"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = token["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let endpoint = format!("{url}/organizations/{ORG}/measurements");
     let meter = EntityRequest {
         body: Some(json!({"name": "API", "code": "api", "dataFields": [
             {"category": "MEASURE", "code": "calls", "name": "Calls", "unit": "{call}"},
@@ -131,7 +157,8 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         ..Default::default()
     })
     .await?;
-    let raw_batches: Vec<Vec<Value>> = (0..batches).map(measurements).collect();
+    // NATS batches and HTTP batches carry different uids: every one is new.
+    let raw_batches: Vec<Vec<Value>> = (0..2 * batches).map(measurements).collect();
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         raw_batches
             .iter()
@@ -154,7 +181,8 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
 
     let rounds = 4;
     let per_round = batches / rounds;
-    let (mut raw, mut nats_path) = (Figure::empty(), Figure::empty());
+    let (mut raw, mut nats_path, mut http_path) =
+        (Figure::empty(), Figure::empty(), Figure::empty());
     for round in 0..rounds {
         let base = round * per_round;
         raw.add(
@@ -196,17 +224,47 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
             })
             .await?,
         );
+        http_path.add(
+            measure(per_round, concurrency, |i| {
+                let http = http.clone();
+                let bodies = bodies.clone();
+                let (endpoint, token) = (endpoint.clone(), token.clone());
+                async move {
+                    let v: Value = http
+                        .post(endpoint)
+                        .bearer_auth(token)
+                        .header("content-type", "application/json")
+                        .body(bodies[batches + base + i].clone())
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .json()
+                        .await?;
+                    anyhow::ensure!(v["accepted"] == BATCH, "not all accepted: {v}");
+                    Ok(())
+                }
+            })
+            .await?,
+        );
     }
+    gateway.stop().await;
     ingest.stop().await;
     entities.stop().await;
 
     let mut rows = compare(
+        "ingest, HTTP through the gateway",
+        "measurements",
+        BATCH,
+        &http_path,
+        &raw,
+    );
+    rows.extend(compare(
         "ingest, NATS request path",
         "measurements",
         BATCH,
         &nats_path,
         &raw,
-    );
+    ));
     for n in [1_000_000usize, 10_000_000] {
         let (heap, rss) = uid_memory(n);
         println!("uid index at {n} uids: {heap:.1} bytes/uid by capacity, {rss:.1} bytes/uid by resident memory");
