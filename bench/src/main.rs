@@ -27,6 +27,11 @@ use meterline_shared::testkit::NatsServer;
 
 pub const ORG: &str = "bench";
 
+// The same allocator as the service binaries, so in-process services run as
+// they do in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Operations, their total time and each one's latency.
 pub struct Figure {
     pub ops: usize,
