@@ -10,6 +10,11 @@
 //! | `svc.entities.<org>.<type>.list` | `pageSize`, `nextToken`, `ids`, `codes`, `filters`, `parentId` | [`Page`] |
 //! | `svc.entities.<org>.serviceuser.credentials` | `id` of the service user | [`Credentials`] |
 //! | `svc.auth.verify` | [`VerifyRequest`] | [`Principal`] |
+//! | `svc.ingest.<org>.upload.create` | [`UploadRequest`] with `body` (m3ter's `GetUploadUrlRequest`) | the upload job |
+//! | `svc.ingest.<org>.upload.start` | `id` | the upload job, now `running` (409 if it was not `notUploaded`) |
+//! | `svc.ingest.<org>.upload.fail` | `id`, `reason` | the upload job, now `failed` |
+//! | `svc.ingest.<org>.upload.get` | `id` | the upload job |
+//! | `svc.ingest.<org>.upload.list` | `pageSize`, `nextToken`, `dateCreatedStart`, `dateCreatedEnd` | [`Page`] of upload jobs |
 //!
 //! Who is asking goes in the `Meterline-Actor` header. Errors come back in
 //! the micro-service error headers (see [`crate::bus`]) with the HTTP status
@@ -83,4 +88,44 @@ pub struct VerifyRequest {
 pub struct Principal {
     pub org_id: String,
     pub service_user_id: String,
+}
+
+/// A request about measurement file-upload jobs (`svc.ingest.<org>.upload.<op>`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadRequest {
+    /// The job, for everything but `create` and `list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// For `create`: `fileName`, `contentType`, `contentLength` as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+    /// For `fail`: why the upload failed, shown on the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+    /// ISO-8601; jobs created on or after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_created_start: Option<String>,
+    /// ISO-8601; jobs created before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_created_end: Option<String>,
+}
+
+/// An uploaded file announced on `UPLOADS` (`upload.<org>.<job>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadedFile {
+    pub org_id: String,
+    pub job_id: String,
+    /// Bytes stored.
+    pub size: u64,
+}
+
+/// Name of the object holding an upload job's file in `upload_files`.
+pub fn upload_object_name(org: &str, job: &str) -> String {
+    format!("{org}/{job}")
 }

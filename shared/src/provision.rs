@@ -228,3 +228,76 @@ pub async fn ensure_kv(
         },
     }
 }
+
+/// KV bucket of measurement file-upload jobs, keyed `<org>.<job>`.
+pub const UPLOAD_JOBS_BUCKET: &str = "upload_jobs";
+/// Object store bucket of uploaded measurement files, named `<org>/<job>`.
+pub const UPLOAD_FILES_BUCKET: &str = "upload_files";
+
+/// `upload_jobs`: one record per file-upload job (status, row counts),
+/// changed only by revision-checked updates. Records older than
+/// `retention_days` since their last change expire.
+pub fn upload_jobs_bucket(retention_days: u64, replicas: usize) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: UPLOAD_JOBS_BUCKET.into(),
+        description: "Meterline measurement file-upload jobs".into(),
+        history: 1,
+        max_age: DAY * retention_days.max(1) as u32,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// `upload_files`: the files as uploaded, kept `retention_days` for
+/// processing and for download of the original.
+pub fn upload_files_bucket(
+    retention_days: u64,
+    replicas: usize,
+) -> jetstream::object_store::Config {
+    jetstream::object_store::Config {
+        bucket: UPLOAD_FILES_BUCKET.into(),
+        description: Some("Meterline uploaded measurement files".into()),
+        max_age: DAY * retention_days.max(1) as u32,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// `UPLOADS`: a work queue of uploaded files waiting to be processed, on
+/// `upload.<org>.<job>`; the message id is the job, so a repeated announce
+/// within two minutes is dropped by the server.
+pub fn uploads() -> Config {
+    Config {
+        name: crate::subjects::UPLOADS_STREAM.into(),
+        description: Some("Meterline uploaded measurement files waiting to be processed".into()),
+        subjects: vec!["upload.>".into()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        max_age: 28 * DAY,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+/// Creates an object store bucket if missing; returns it either way.
+pub async fn ensure_object_store(
+    js: &jetstream::Context,
+    config: jetstream::object_store::Config,
+) -> Result<jetstream::object_store::ObjectStore, ProvisionError> {
+    let name = config.bucket.clone();
+    match js.get_object_store(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => match js.create_object_store(config).await {
+            Ok(store) => Ok(store),
+            Err(e) => js
+                .get_object_store(&name)
+                .await
+                .map_err(|_| ProvisionError::Stream {
+                    name: format!("OBJ_{name}"),
+                    source: e.into(),
+                }),
+        },
+    }
+}

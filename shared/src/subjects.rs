@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `ENTITIES` | `ent.<org>.<type>.<id>` |
 //! | `EVENTS` | `evt.<org>.<name...>`; entity events `evt.<org>.entity.<type>.<id>` |
+//! | `UPLOADS` | `upload.<org>.<job>` |
 //! | requests | `svc.<service>.<org>.<...>.<op>` |
 
 use crate::error::ServiceError;
@@ -13,9 +14,35 @@ pub const ENTITIES_STREAM: &str = "ENTITIES";
 pub const EVENTS_STREAM: &str = "EVENTS";
 pub const MEASUREMENTS_STREAM: &str = "MEASUREMENTS";
 
+pub const UPLOADS_STREAM: &str = "UPLOADS";
+
 /// `svc.ingest.<org>.submit`: a batch of measurements.
 pub fn ingest_submit(org: &str) -> String {
     format!("svc.ingest.{org}.submit")
+}
+
+/// Operations on measurement file-upload jobs, the last token of
+/// `svc.ingest.<org>.upload.<op>`.
+pub mod upload_ops {
+    /// Create a job for a file about to be uploaded (status `notUploaded`).
+    pub const CREATE: &str = "create";
+    /// Claim a job for its one upload (`notUploaded` → `running`).
+    pub const START: &str = "start";
+    /// Record that an upload failed before its file was complete.
+    pub const FAIL: &str = "fail";
+    pub const GET: &str = "get";
+    pub const LIST: &str = "list";
+}
+
+/// `svc.ingest.<org>.upload.<op>`: file-upload jobs.
+pub fn ingest_upload(org: &str, op: &str) -> String {
+    format!("svc.ingest.{org}.upload.{op}")
+}
+
+/// `upload.<org>.<job>`: an uploaded file waiting to be processed, on the
+/// `UPLOADS` work queue.
+pub fn upload_job(org: &str, job: &str) -> String {
+    format!("upload.{org}.{job}")
 }
 
 /// The longest token Meterline accepts from a user. m3ter ids are UUIDs (36

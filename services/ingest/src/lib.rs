@@ -6,7 +6,9 @@
 //! de-duplication by uid across restarts and replicas ([`uids`]), durable
 //! grouped writes to `MEASUREMENTS` acknowledged only after JetStream
 //! acknowledged them ([`commit`]), and an `ingest.validation.failure` event
-//! on `EVENTS` for each rejected measurement.
+//! on `EVENTS` for each rejected measurement. Measurement files uploaded
+//! through the gateway become upload jobs whose rows go through the same
+//! submit path ([`uploads`]).
 //!
 //! It does not aggregate or price usage: downstream readers consume
 //! `usage.<org>.<meter>` (MessagePack groups, every measurement with its uid).
@@ -16,6 +18,7 @@ pub mod commit;
 pub mod meters;
 pub mod model;
 pub mod uids;
+pub mod uploads;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -62,6 +65,8 @@ pub struct Settings {
     pub retention_days: u64,
     /// Submit requests handled at once by one replica.
     pub max_in_flight: usize,
+    /// Measurement file uploads.
+    pub uploads: uploads::Settings,
 }
 
 impl Default for Settings {
@@ -71,6 +76,7 @@ impl Default for Settings {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 9102)),
             retention_days: 35,
             max_in_flight: 512,
+            uploads: uploads::Settings::default(),
         }
     }
 }
@@ -294,6 +300,8 @@ pub struct App {
     admin_addr: SocketAddr,
     service: async_nats::service::Service,
     endpoint: async_nats::service::endpoint::Endpoint,
+    uploads: uploads::Uploads,
+    upload_endpoint: async_nats::service::endpoint::Endpoint,
 }
 
 impl App {
@@ -342,6 +350,14 @@ impl App {
             .add("svc.ingest.*.submit")
             .await
             .map_err(|e| anyhow::anyhow!("adding endpoint submit: {e}"))?;
+        let uploads =
+            uploads::Uploads::provision(ingest.clone(), &settings.uploads, replicas).await?;
+        let upload_endpoint = service
+            .endpoint_builder()
+            .name("upload")
+            .add("svc.ingest.*.upload.*")
+            .await
+            .map_err(|e| anyhow::anyhow!("adding endpoint upload: {e}"))?;
         // Once the server has the subscription, a request sent after
         // `App::build` finds a responder.
         bus::round_trip(&client).await?;
@@ -353,6 +369,8 @@ impl App {
             admin_addr,
             service,
             endpoint,
+            uploads,
+            upload_endpoint,
         })
     }
 
@@ -362,6 +380,10 @@ impl App {
 
     pub fn ingest(&self) -> &Ingest {
         &self.ingest
+    }
+
+    pub fn uploads(&self) -> &uploads::Uploads {
+        &self.uploads
     }
 
     /// Serves until `shutdown`; then finishes in-flight requests under a
@@ -418,6 +440,11 @@ impl App {
                     .await;
             });
         }
+        let uploads = tokio::spawn(uploads::run(
+            self.uploads.clone(),
+            self.upload_endpoint,
+            shutdown.clone(),
+        ));
         tracing::info!(admin = %self.admin_addr, "ingest service ready");
         let permits = Arc::new(Semaphore::new(self.settings.max_in_flight.max(1)));
         let mut in_flight = JoinSet::new();
@@ -452,6 +479,7 @@ impl App {
         {
             tracing::warn!("in-flight submits did not finish before the deadline");
         }
+        let _ = uploads.await;
         for r in replays {
             r.abort();
         }
