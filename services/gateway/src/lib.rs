@@ -16,7 +16,9 @@
 //! verified locally (HS256 with a shared key), any number of gateway
 //! replicas can run behind one address. The one state it keeps is the token
 //! buckets of its rate limits ([`ratelimit`]), in memory, so those limits
-//! apply per replica.
+//! apply per replica. Measurement files are the one thing it moves itself:
+//! it streams them between signed URLs and the `upload_files` object store,
+//! and leaves their jobs to ingest ([`uploads`]).
 //!
 //! | method | path | NATS subject |
 //! |---|---|---|
@@ -24,6 +26,9 @@
 //! | POST | `/organizations/{orgId}/measurements` | `svc.ingest.<org>.submit` |
 //! | GET, POST | `/organizations/{orgId}/<path>` | `svc.entities.<org>.<type>.list` / `.create` |
 //! | GET, PUT, DELETE | `/organizations/{orgId}/<path>/{id}` | `.get` / `.update` / `.delete` |
+//! | POST | `/organizations/{orgId}/fileuploads/measurements/generateUploadUrl` | `svc.ingest.<org>.upload.create` |
+//! | GET | `/organizations/{orgId}/fileuploads/measurements/jobs[/{id}[/original]]` | `svc.ingest.<org>.upload.list` / `.get` |
+//! | PUT, GET | `/uploads/measurements/{jobId}` (signed URL, no token) | `.upload.start`, object store `upload_files`, `UPLOADS` |
 //! | GET | `/openapi.json`, `/docs/openapi.json`, `/healthz` | — |
 
 pub mod auth;
@@ -32,6 +37,7 @@ pub mod error;
 pub mod measurements;
 pub mod ratelimit;
 pub mod routes;
+pub mod uploads;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -43,7 +49,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderValue};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use meterline_shared::settings::{NatsSettings, Secret};
 use meterline_shared::{admin, bus, schema, shutdown};
@@ -114,6 +120,19 @@ pub struct Settings {
     /// The burst of one organization's other requests. 0: the rate, rounded
     /// up.
     pub config_org_burst: u32,
+    /// HMAC-SHA256 key that signs the upload and download URLs of
+    /// measurement files. Every replica must have the same one. Empty: a
+    /// random key is generated at start, so URLs work only on the replica
+    /// that issued them, and not after a restart.
+    pub upload_signing_key: Secret,
+    /// How long an upload URL from `generateUploadUrl` is valid, in seconds
+    /// (m3ter: one minute).
+    pub upload_url_ttl_secs: u64,
+    /// How long a download URL of an uploaded file is valid, in seconds.
+    pub download_url_ttl_secs: u64,
+    /// The largest measurements file accepted, in bytes (m3ter: 1 GiB).
+    /// Files are streamed, never held in memory.
+    pub upload_max_bytes: u64,
 }
 
 impl Default for Settings {
@@ -133,12 +152,18 @@ impl Default for Settings {
             measurements_source_burst: 50,
             config_org_rate_per_sec: 100.0,
             config_org_burst: 200,
+            upload_signing_key: Secret::default(),
+            upload_url_ttl_secs: 60,
+            download_url_ttl_secs: 300,
+            upload_max_bytes: 1 << 30,
         }
     }
 }
 
 /// The signing key of [`Settings::for_tests`].
 pub const TEST_JWT_SECRET: &str = "meterline-test-signing-key";
+/// The URL signing key of [`Settings::for_tests`].
+pub const TEST_UPLOAD_SIGNING_KEY: &str = "meterline-test-upload-key";
 
 impl Settings {
     /// Settings for tests: free ports on localhost, a fixed signing key, and
@@ -153,6 +178,7 @@ impl Settings {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             jwt_secret: Secret::new(TEST_JWT_SECRET),
+            upload_signing_key: Secret::new(TEST_UPLOAD_SIGNING_KEY),
             measurements_org_rate_per_sec: 0.0,
             measurements_source_rate_per_sec: 0.0,
             config_org_rate_per_sec: 0.0,
@@ -195,6 +221,7 @@ struct Inner {
     measurements_body_limit: usize,
     limits: ratelimit::RateLimits,
     openapi: Bytes,
+    uploads: uploads::UploadState,
 }
 
 impl AppState {
@@ -212,8 +239,20 @@ impl AppState {
         } else {
             settings.jwt_secret.expose().as_bytes().to_vec()
         };
+        let upload_key = if settings.upload_signing_key.is_empty() {
+            warn!(
+                "upload_signing_key is empty: using a random key; upload and download URLs \
+                 will not survive a restart and will not be accepted by other gateway replicas"
+            );
+            let mut key = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut key);
+            key.to_vec()
+        } else {
+            settings.upload_signing_key.expose().as_bytes().to_vec()
+        };
         AppState {
             inner: Arc::new(Inner {
+                uploads: uploads::UploadState::new(nats.clone(), settings, upload_key),
                 nats,
                 keys: TokenKeys::new(&secret, Duration::from_secs(settings.token_ttl_secs)),
                 body_limit: settings.body_limit_bytes,
@@ -271,11 +310,27 @@ pub fn router(state: AppState) -> Router {
             ratelimit::limit_measurements,
         ))
         .with_state(state.clone());
+    let file_uploads = Router::new()
+        .route(uploads::GENERATE_PATH, post(uploads::generate_upload_url))
+        .route(uploads::JOBS_PATH, get(uploads::list_jobs))
+        .route(uploads::JOB_PATH, get(uploads::get_job))
+        .route(uploads::ORIGINAL_PATH, get(uploads::original))
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            ratelimit::limit_config_routes,
+        ))
+        .with_state(state.clone());
     let organizations = config
         .merge(measurements)
+        .merge(file_uploads)
         .route_layer(from_fn_with_state(state.clone(), auth::require_bearer));
     let public = Router::new()
         .route("/oauth/token", post(auth::issue_token))
+        // Signed URLs: the signature is the credential.
+        .route(
+            uploads::FILE_PATH,
+            put(uploads::put_file).get(uploads::get_file),
+        )
         .route("/openapi.json", get(openapi))
         .route("/docs/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))

@@ -29,6 +29,8 @@
 
 pub mod split;
 
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -255,6 +257,8 @@ struct Batch {
     body: Vec<u8>,
     /// (row index, size) of rows too large to submit.
     too_large: Vec<(u64, u64)>,
+    /// The uids in `body` (as JSON text).
+    uids: HashSet<String>,
 }
 
 impl Batch {
@@ -268,13 +272,21 @@ impl Batch {
         }
     }
 
-    fn fits(&self, row: &[u8]) -> bool {
+    /// Whether `row` (with uid `uid`) can join this batch. A uid already
+    /// in it cannot: submit refuses a uid twice in one request, while in a
+    /// file a repeated row is a duplicate like any other, so it goes to the
+    /// next batch and is counted as one.
+    fn fits(&self, row: &[u8], uid: Option<&str>) -> bool {
         let comma = usize::from(self.sent > 0);
-        self.sent < MAX_BATCH
+        uid.is_none_or(|u| !self.uids.contains(u))
+            && self.sent < MAX_BATCH
             && self.body.len() + comma + row.len() + BODY_CLOSE.len() <= MAX_BODY_BYTES
     }
 
-    fn push(&mut self, row: &[u8]) {
+    fn push(&mut self, row: &[u8], uid: Option<&str>) {
+        if let Some(u) = uid {
+            self.uids.insert(u.to_owned());
+        }
         if self.sent > 0 {
             self.body.push(b',');
         }
@@ -290,26 +302,25 @@ struct UidProbe<'a> {
     uid: Option<&'a serde_json::value::RawValue>,
 }
 
-/// The row as it is submitted: unchanged when it has a uid (or is not an
-/// object, which submit refuses), else with the uid `<job>-<row>`.
-fn with_uid<'a>(row: &'a [u8], job: &str, index: u64) -> std::borrow::Cow<'a, [u8]> {
-    let needs_uid = match serde_json::from_slice::<UidProbe>(row) {
+/// The row as it is submitted, and its uid (as JSON text): unchanged when
+/// it has a uid (or is not an object, which submit refuses), else with the
+/// uid `<job>-<row>`.
+fn with_uid<'a>(row: &'a [u8], job: &str, index: u64) -> (Cow<'a, [u8]>, Option<String>) {
+    match serde_json::from_slice::<UidProbe>(row) {
         Ok(p) => match p.uid.map(|u| u.get()) {
-            None | Some("null") | Some("\"\"") => true,
-            Some(_) => false,
+            None | Some("null") | Some("\"\"") => {}
+            Some(uid) => return (row.into(), Some(uid.to_owned())),
         },
-        Err(_) => false,
-    };
-    if !needs_uid {
-        return row.into();
+        Err(_) => return (row.into(), None),
     }
     let Ok(mut map) = serde_json::from_slice::<Map<String, Value>>(row) else {
-        return row.into();
+        return (row.into(), None);
     };
-    map.insert("uid".into(), Value::String(format!("{job}-{index}")));
+    let uid = format!("{job}-{index}");
+    map.insert("uid".into(), Value::String(uid.clone()));
     match serde_json::to_vec(&map) {
-        Ok(v) => v.into(),
-        Err(_) => row.into(),
+        Ok(v) => (v.into(), Some(format!("{uid:?}"))),
+        Err(_) => (row.into(), None),
     }
 }
 
@@ -701,12 +712,12 @@ impl Uploads {
                     }
                     match e {
                         Element::Complete(bytes) => {
-                            let bytes = with_uid(bytes, &job.id, index);
-                            if !current.fits(&bytes) {
+                            let (bytes, uid) = with_uid(bytes, &job.id, index);
+                            if !current.fits(&bytes, uid.as_deref()) {
                                 let next = Batch::starting_at(index);
                                 ready.push(std::mem::replace(&mut current, next));
                             }
-                            current.push(&bytes);
+                            current.push(&bytes, uid.as_deref());
                         }
                         Element::TooLarge(size) => {
                             current.too_large.push((index, size));
@@ -1110,15 +1121,17 @@ mod tests {
     fn rows_without_a_uid_get_one_from_the_job_and_their_index() {
         let job = "0196a3c2-0000-7000-8000-000000000000";
         let row = br#"{"meter":"m","account":"a","ts":"2024-01-01T00:00:00Z"}"#;
-        let out: Value = serde_json::from_slice(&with_uid(row, job, 7)).unwrap();
+        let (out, uid) = with_uid(row, job, 7);
+        let out: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(out["uid"], format!("{job}-7"));
+        assert_eq!(uid, Some(format!("\"{job}-7\"")));
         assert_eq!(out["meter"], "m");
         assert!(format!("{job}-{}", u32::MAX).len() <= crate::model::MAX_UID_LEN);
         for empty in [
             br#"{"uid":null,"meter":"m"}"#.as_slice(),
             br#"{"uid":"","meter":"m"}"#.as_slice(),
         ] {
-            let out: Value = serde_json::from_slice(&with_uid(empty, job, 3)).unwrap();
+            let out: Value = serde_json::from_slice(&with_uid(empty, job, 3).0).unwrap();
             assert_eq!(out["uid"], format!("{job}-3"));
         }
         // Rows with a uid, and rows submit will refuse anyway, are left as sent.
@@ -1129,8 +1142,13 @@ mod tests {
             br#""text""#.as_slice(),
             br#"{"uid":"a","uid":"b"}"#.as_slice(),
         ] {
-            assert_eq!(&*with_uid(same, job, 0), same);
+            assert_eq!(&*with_uid(same, job, 0).0, same);
         }
+        assert_eq!(
+            with_uid(br#"{"uid":"u1"}"#, job, 0).1.as_deref(),
+            Some(r#""u1""#)
+        );
+        assert_eq!(with_uid(b"42", job, 0).1, None);
     }
 
     #[test]
@@ -1138,15 +1156,22 @@ mod tests {
         let mut b = Batch::starting_at(0);
         let row = vec![b'1'; 10];
         for _ in 0..MAX_BATCH {
-            assert!(b.fits(&row));
-            b.push(&row);
+            assert!(b.fits(&row, None));
+            b.push(&row, None);
         }
-        assert!(!b.fits(&row));
+        assert!(!b.fits(&row, None));
         let mut b = Batch::starting_at(0);
         let big = vec![b'1'; MAX_ROW_BYTES + UID_ROOM];
-        assert!(b.fits(&big), "the largest row fits an empty batch");
-        b.push(&big);
-        assert!(!b.fits(b"1"));
+        assert!(b.fits(&big, None), "the largest row fits an empty batch");
+        b.push(&big, None);
+        assert!(!b.fits(b"1", None));
+        let mut b = Batch::starting_at(0);
+        b.push(b"{}", Some("\"u1\""));
+        assert!(
+            !b.fits(b"{}", Some("\"u1\"")),
+            "a repeated uid waits for the next batch"
+        );
+        assert!(b.fits(b"{}", Some("\"u2\"")));
         b.body.extend_from_slice(BODY_CLOSE);
         assert!(b.body.len() <= MAX_BODY_BYTES);
     }

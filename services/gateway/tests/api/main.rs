@@ -11,8 +11,11 @@
 //!   collections, and what the entities service refuses.
 //! - `measurements`: `POST /organizations/{orgId}/measurements` in front of
 //!   the real ingest service: batches, the body limit, rate limits.
+//! - `uploads`: measurement file uploads: signed URLs, streaming, jobs
+//!   processed by the real ingest service, and what is refused.
 
 mod edge;
 mod entities;
 mod helpers;
 mod measurements;
+mod uploads;
