@@ -63,6 +63,11 @@ PATHS = [
     "/organizations/{orgId}/integrationconfigs/{id}",
     "/organizations/{orgId}/scheduledevents/configurations",
     "/organizations/{orgId}/scheduledevents/configurations/{id}",
+    "/organizations/{orgId}/measurements",
+    "/organizations/{orgId}/fileuploads/measurements/generateUploadUrl",
+    "/organizations/{orgId}/fileuploads/measurements/jobs",
+    "/organizations/{orgId}/fileuploads/measurements/jobs/{id}",
+    "/organizations/{orgId}/fileuploads/measurements/jobs/{id}/original",
 ]
 
 # Engine-computed entities that m3ter only lets you read: Meterline accepts
