@@ -17,13 +17,16 @@ Exits 0 when every check passes; otherwise prints what differed and exits 1.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
+import time
 import traceback
 from typing import Any, Callable, NoReturn
 
 try:
+    import httpx
     import m3ter
     from m3ter import M3ter
 except ImportError:  # pragma: no cover - depends on the environment
@@ -264,6 +267,44 @@ def main() -> None:
         seen = {a.code for a in client.accounts.list(page_size=2)}
         missing = [c for c in codes + [account.code] if c not in seen]
         expect(not missing, f"accounts missing from the paged list: {missing}")
+
+    @check("file upload: generate_upload_url, PUT to the URL with its headers, jobs.retrieve, jobs.list, original")
+    def _() -> None:
+        rows = [
+            {"uid": f"sdk_upload_{run}_{i}", "meter": meter.code, "account": account.code,
+             "ts": "2026-01-15T10:00:00Z", "measure": {"bytes": i * 1000}}
+            for i in range(25)
+        ]
+        data = json.dumps(rows).encode()
+        upload = client.usage.file_uploads.generate_upload_url(
+            content_length=len(data), content_type="application/json", file_name=f"sdk_{run}.json"
+        )
+        expect(bool(upload.job_id), "generate_upload_url returned no jobId")
+        expect(bool(upload.url), "generate_upload_url returned no url")
+        # As with an S3 presigned URL: a plain PUT with the returned headers, no token.
+        put = httpx.put(upload.url, content=data, headers=upload.headers or {}, timeout=30.0)
+        expect_eq(put.status_code, 200, f"status of the PUT to the upload URL ({put.text})")
+        replay = httpx.put(upload.url, content=data, headers=upload.headers or {}, timeout=30.0)
+        expect_eq(replay.status_code, 409, "status of a second PUT to the same upload URL")
+        # Poll with a deadline until the job is final.
+        deadline = time.monotonic() + 60
+        while True:
+            job = client.usage.file_uploads.jobs.retrieve(upload.job_id)
+            if job.status in ("succeeded", "failed"):
+                break
+            expect(time.monotonic() < deadline, f"upload job still {job.status} after 60 s")
+            time.sleep(0.05)
+        expect_eq(
+            (job.status, job.total_rows, job.processed_rows, job.failed_rows, job.file_name, job.content_length),
+            ("succeeded", 25, 25, 0, f"sdk_{run}.json", len(data)),
+            "finished upload job (status, totalRows, processedRows, failedRows, fileName, contentLength)",
+        )
+        listed = [j.id for j in client.usage.file_uploads.jobs.list(page_size=10)]
+        expect(upload.job_id in listed, "the upload job is not listed")
+        original = client.usage.file_uploads.jobs.get_original_download_url(upload.job_id)
+        got = httpx.get(original.url, headers=original.headers or {}, timeout=30.0)
+        expect_eq(got.status_code, 200, "status of the download of the original file")
+        expect(got.content == data, "the downloaded original differs from the uploaded file")
 
     @check("delete, then retrieve raises NotFoundError (404)")
     def _() -> None:

@@ -1,6 +1,7 @@
 //! m3ter's official Python SDK, pointed at Meterline by its base URL, does
 //! what a customer's code would do: create, read, update, list and delete
-//! entities, and get the errors m3ter gives (404, 409, 400, 401).
+//! entities, get the errors m3ter gives (404, 409, 400, 401), and upload a
+//! file of measurements.
 //!
 //! The whole system runs in this process against one real nats-server; the
 //! SDK runs as a child process (`tests/sdk/m3ter_sdk_check.py`) with the
@@ -59,6 +60,11 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
             .await
             .expect("build entities");
     let entities = tokio::spawn(entities.run_until_stopped(shutdown.clone()));
+
+    let ingest = meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url()))
+        .await
+        .expect("build ingest");
+    let ingest = tokio::spawn(ingest.run_until_stopped(shutdown.clone()));
 
     let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
         .await
@@ -126,7 +132,11 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
     );
 
     shutdown.cancel();
-    for (name, task) in [("gateway", gateway), ("entities", entities)] {
+    for (name, task) in [
+        ("gateway", gateway),
+        ("ingest", ingest),
+        ("entities", entities),
+    ] {
         tokio::time::timeout(Duration::from_secs(15), task)
             .await
             .unwrap_or_else(|_| panic!("{name} did not stop in time"))
