@@ -63,12 +63,17 @@ if [[ ! -f "$SECRETS" ]]; then
         echo "METERLINE_NATS_PASSWORD_${u^^}=$(random_token)"
       done
       echo "METERLINE_GATEWAY_JWT_SECRET=$(random_token)"
+      echo "METERLINE_GATEWAY_UPLOAD_SIGNING_KEY=$(random_token)"
       echo "METERLINE_ENTITIES_SEALING_KEY=$(random_key)"
     } >"$SECRETS.tmp"
     mv "$SECRETS.tmp" "$SECRETS"
   )
 fi
 chmod 600 "$SECRETS"
+# Files from before upload URLs were signed with a key of their own.
+if ! grep -q '^METERLINE_GATEWAY_UPLOAD_SIGNING_KEY=' "$SECRETS"; then
+  echo "METERLINE_GATEWAY_UPLOAD_SIGNING_KEY=$(random_token)" >>"$SECRETS"
+fi
 
 # Read the secrets as plain shell variables. They are deliberately not
 # exported: each process below gets exactly the variables meant for it (a
@@ -81,7 +86,7 @@ for u in "${NATS_USERS[@]}"; do
   [[ -n "${!var:-}" ]] || die "$SECRETS has no $var; delete it (and .data/) with 'make clean-data' to start over"
   export -n "$var"
 done
-export -n METERLINE_GATEWAY_JWT_SECRET METERLINE_ENTITIES_SEALING_KEY
+export -n METERLINE_GATEWAY_JWT_SECRET METERLINE_GATEWAY_UPLOAD_SIGNING_KEY METERLINE_ENTITIES_SEALING_KEY
 nats_password() { local v="METERLINE_NATS_PASSWORD_${1^^}"; printf '%s' "${!v}"; }
 
 # --- process management -----------------------------------------------------
@@ -210,7 +215,8 @@ ENTITIES_PID=${PIDS[-1]%%:*}
 start_service ingest ingest
 INGEST_PID=${PIDS[-1]%%:*}
 start_service gateway gateway \
-  METERLINE_GATEWAY_JWT_SECRET="$METERLINE_GATEWAY_JWT_SECRET"
+  METERLINE_GATEWAY_JWT_SECRET="$METERLINE_GATEWAY_JWT_SECRET" \
+  METERLINE_GATEWAY_UPLOAD_SIGNING_KEY="$METERLINE_GATEWAY_UPLOAD_SIGNING_KEY"
 GATEWAY_PID=${PIDS[-1]%%:*}
 
 wait_for meterline-entities "$ENTITIES_ADMIN/readyz" "$ENTITIES_PID" 60 "$RUN_DIR/entities.log"
