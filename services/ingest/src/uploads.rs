@@ -26,6 +26,13 @@
 //! submit de-duplicates by uid. A row without a uid gets one derived from
 //! the job and its position (`<job id>-<row index>`), so it too is stored
 //! once however often the file is processed.
+//!
+//! A gateway that stops in the middle of an upload leaves its job `running`
+//! with no file announced. Each replica sweeps for such jobs
+//! ([`Uploads::sweep_stalled`]) and fails them once they have been running
+//! for `stale_after_secs` with nothing on `UPLOADS` and no processing
+//! recorded; an announced file's job keeps its message on `UPLOADS` until it
+//! is final, so it is never swept.
 
 pub mod split;
 
@@ -85,6 +92,11 @@ const CONSUMER: &str = "ingest-uploads";
 /// to another replica; a running job says it is alive every third of this.
 const ACK_WAIT: Duration = Duration::from_secs(60);
 
+/// Why a swept job failed.
+pub const STALLED_REASON: &str = "the upload did not complete: no file was received for this job";
+/// The shortest `stale_after_secs`: an upload URL alone is valid a minute.
+const MIN_STALE_AFTER_SECS: u64 = 60;
+
 /// Settings of file-upload processing (`METERLINE_INGEST_UPLOADS__*`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -93,6 +105,13 @@ pub struct Settings {
     pub retention_days: u64,
     /// Files one replica processes at once.
     pub workers: usize,
+    /// How long, in seconds, a job may stay `running` after its upload began
+    /// without its file being announced for processing before it is failed
+    /// with "the upload did not complete" (a gateway stopped mid-upload).
+    /// Keep it above the longest upload takes: an upload still streaming
+    /// when it runs out is failed too. Each replica looks for such jobs every
+    /// quarter of this (at least every 15 minutes). At least 60.
+    pub stale_after_secs: u64,
 }
 
 impl Default for Settings {
@@ -100,7 +119,15 @@ impl Default for Settings {
         Settings {
             retention_days: 28,
             workers: 2,
+            stale_after_secs: 3600,
         }
+    }
+}
+
+impl Settings {
+    /// How often a replica sweeps for stalled uploads.
+    fn sweep_every(&self) -> Duration {
+        Duration::from_secs((self.stale_after_secs / 4).clamp(15, 900))
     }
 }
 
@@ -214,6 +241,17 @@ pub fn check_request(body: &Value) -> Result<(String, String, u64), ServiceError
 fn created_at(id: &str) -> Option<DateTime<Utc>> {
     let (secs, nanos) = uuid::Uuid::parse_str(id).ok()?.get_timestamp()?.to_unix();
     DateTime::from_timestamp(secs as i64, nanos)
+}
+
+/// Whether a job looks left behind by an upload that never finished:
+/// `running` since before `cutoff`, with no processing recorded. (Whether
+/// its file was announced is checked on `UPLOADS`.)
+fn stalled(job: &UploadJob, cutoff: DateTime<Utc>) -> bool {
+    let began = job.upload_date.as_deref().unwrap_or(&job.dt_created);
+    job.status == JobStatus::Running
+        && job.total_rows.is_none()
+        && job.processed_rows == 0
+        && DateTime::parse_from_rfc3339(began).is_ok_and(|t| t < cutoff)
 }
 
 fn parse_date(what: &str, value: &str) -> Result<DateTime<Utc>, ServiceError> {
@@ -332,6 +370,11 @@ impl Uploads {
         settings: &Settings,
         replicas: usize,
     ) -> anyhow::Result<Uploads> {
+        anyhow::ensure!(
+            settings.stale_after_secs >= MIN_STALE_AFTER_SECS,
+            "uploads.stale_after_secs must be at least {MIN_STALE_AFTER_SECS}, got {}",
+            settings.stale_after_secs
+        );
         let js = ingest.js.clone();
         let jobs = provision::ensure_kv(
             &js,
@@ -571,11 +614,25 @@ impl Uploads {
         let job = if job.total_rows == Some(total) {
             job
         } else {
-            self.update(org, id, |j| {
-                j.total_rows = Some(total);
-                Ok(())
-            })
-            .await?
+            // The job may have been swept as stalled while the file was
+            // read: then it stays as it is and nothing is stored.
+            let counted = self
+                .update(org, id, |j| {
+                    if j.status.is_final() {
+                        return Err(ServiceError::conflict(format!(
+                            "file upload job {id} is already {}",
+                            status_name(j.status)
+                        )));
+                    }
+                    j.total_rows = Some(total);
+                    Ok(())
+                })
+                .await;
+            match counted {
+                Ok(job) => job,
+                Err(e) if e.code == ErrorCode::Conflict => return self.get(org, id).await,
+                Err(e) => return Err(e),
+            }
         };
         tracing::info!(
             org,
@@ -605,6 +662,107 @@ impl Uploads {
             "upload processed"
         );
         Ok(job)
+    }
+
+    /// Fails the jobs left `running` by an upload that never finished: no
+    /// file announced on `UPLOADS`, no processing recorded, and the upload
+    /// begun more than `stale_after_secs` before `now`. Returns how many it
+    /// failed. Any number of replicas may sweep at once: a job is failed by
+    /// a revision-checked update that re-checks it, so it is failed once,
+    /// and a job that moved on meanwhile (processing began, the gateway
+    /// failed it) is left as it is.
+    pub async fn sweep_stalled(&self, now: DateTime<Utc>) -> Result<usize, ServiceError> {
+        let cutoff = i64::try_from(self.settings.stale_after_secs)
+            .ok()
+            .and_then(chrono::Duration::try_seconds)
+            .and_then(|d| now.checked_sub_signed(d));
+        let Some(cutoff) = cutoff else {
+            // A threshold beyond the calendar: nothing is ever stalled.
+            return Ok(0);
+        };
+        let mut keys = self
+            .jobs
+            .keys()
+            .await
+            .map_err(|e| unavailable("listing upload jobs failed", e))?;
+        let mut candidates = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| unavailable("listing upload jobs failed", e))?;
+            let Some((org, id)) = k.split_once('.') else {
+                continue;
+            };
+            // Job ids are UUIDv7: a job made after the cutoff cannot have
+            // been uploading since before it, so it is not even read.
+            if created_at(id).is_some_and(|t| t >= cutoff) {
+                continue;
+            }
+            candidates.push((org.to_owned(), id.to_owned()));
+        }
+        let mut failed = 0;
+        for (org, id) in candidates {
+            match self.fail_if_stalled(&org, &id, cutoff).await {
+                Ok(true) => failed += 1,
+                Ok(false) => {}
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(org, job = id, reason = %e.message, "checking an upload job for a stalled upload failed");
+                }
+            }
+        }
+        Ok(failed)
+    }
+
+    async fn fail_if_stalled(
+        &self,
+        org: &str,
+        id: &str,
+        cutoff: DateTime<Utc>,
+    ) -> Result<bool, ServiceError> {
+        if !stalled(&self.get(org, id).await?, cutoff) || self.announced(org, id).await? {
+            return Ok(false);
+        }
+        let failed = self
+            .update(org, id, |job| {
+                if !stalled(job, cutoff) {
+                    return Err(ServiceError::conflict("the upload job moved on"));
+                }
+                job.status = JobStatus::Failed;
+                job.failure_reason = Some(STALLED_REASON.to_owned());
+                Ok(())
+            })
+            .await;
+        match failed {
+            Ok(job) => {
+                tracing::info!(
+                    org,
+                    job = id,
+                    upload_date = job.upload_date.as_deref(),
+                    "stalled upload failed"
+                );
+                Ok(true)
+            }
+            Err(e) if e.code == ErrorCode::Conflict => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the job's file is on `UPLOADS`: announced and not yet
+    /// processed to a final state.
+    async fn announced(&self, org: &str, id: &str) -> Result<bool, ServiceError> {
+        match self
+            .queue
+            .get_last_raw_message_by_subject(&subjects::upload_job(org, id))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(false)
+            }
+            Err(e) => Err(unavailable(
+                "looking for the uploaded file on UPLOADS failed",
+                e,
+            )),
+        }
     }
 
     async fn finish_failed(
@@ -927,14 +1085,39 @@ fn to_json<T: Serialize>(value: &T) -> Result<Bytes, ServiceError> {
         .map_err(ServiceError::internal)
 }
 
-/// Serves the upload endpoint and works the `UPLOADS` queue until
-/// `shutdown`, then lets in-flight work finish or stop under the drain
-/// deadline (an interrupted job resumes on the next delivery).
+/// Serves the upload endpoint, works the `UPLOADS` queue and sweeps for
+/// stalled uploads until `shutdown`, then lets in-flight work finish or stop
+/// under the drain deadline (an interrupted job resumes on the next
+/// delivery).
 pub async fn run(uploads: Uploads, endpoint: Endpoint, shutdown: CancellationToken) {
     tokio::join!(
         serve(uploads.clone(), endpoint, shutdown.clone()),
-        work(uploads, shutdown)
+        work(uploads.clone(), shutdown.clone()),
+        sweep(uploads, shutdown)
     );
+}
+
+/// Fails stalled uploads every [`Settings::sweep_every`]. A sweep cut short
+/// by shutdown leaves every job either as it was or failed.
+async fn sweep(uploads: Uploads, shutdown: CancellationToken) {
+    let every = uploads.settings.sweep_every();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let swept = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = uploads.sweep_stalled(Utc::now()) => r,
+        };
+        match swept {
+            Ok(0) => {}
+            Ok(failed) => tracing::info!(failed, "stalled uploads failed"),
+            Err(e) => tracing::warn!(reason = %e.message, "sweeping for stalled uploads failed"),
+        }
+    }
 }
 
 async fn serve(uploads: Uploads, mut endpoint: Endpoint, shutdown: CancellationToken) {
@@ -1183,6 +1366,69 @@ mod tests {
         let t = created_at(&id).unwrap();
         assert!(t >= before && t <= Utc::now(), "{t}");
         assert_eq!(created_at("not-a-uuid"), None);
+    }
+
+    fn job(status: JobStatus, upload_date: Option<&str>) -> UploadJob {
+        UploadJob {
+            id: "j".into(),
+            version: 2,
+            file_name: "f.json".into(),
+            content_type: "application/json".into(),
+            content_length: 10,
+            status,
+            upload_date: upload_date.map(str::to_owned),
+            total_rows: None,
+            processed_rows: 0,
+            failed_rows: 0,
+            dt_created: "2026-01-01T09:59:00.000Z".into(),
+            dt_last_modified: "2026-01-01T10:00:00.000Z".into(),
+            created_by: None,
+            failure_reason: None,
+        }
+    }
+
+    #[test]
+    fn only_uploads_running_since_before_the_cutoff_without_processing_are_stalled() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        let began = Some("2026-01-01T10:00:00.000Z");
+        let cutoff = at("2026-01-01T11:00:00Z");
+        assert!(stalled(&job(JobStatus::Running, began), cutoff));
+        assert!(!stalled(
+            &job(JobStatus::Running, began),
+            at("2026-01-01T10:00:00Z")
+        ));
+        for status in [
+            JobStatus::NotUploaded,
+            JobStatus::Failed,
+            JobStatus::Succeeded,
+        ] {
+            assert!(!stalled(&job(status, began), cutoff), "{status:?}");
+        }
+        let mut counted = job(JobStatus::Running, began);
+        counted.total_rows = Some(0);
+        assert!(!stalled(&counted, cutoff), "processing began");
+        let mut resumed = job(JobStatus::Running, began);
+        resumed.processed_rows = 1000;
+        assert!(!stalled(&resumed, cutoff), "processing began");
+        // Without an upload date, the job's creation counts.
+        assert!(stalled(&job(JobStatus::Running, None), cutoff));
+        assert!(!stalled(&job(JobStatus::Running, Some("garbled")), cutoff));
+    }
+
+    #[test]
+    fn the_sweep_runs_every_quarter_of_the_threshold_within_bounds() {
+        let every = |secs| {
+            Settings {
+                stale_after_secs: secs,
+                ..Settings::default()
+            }
+            .sweep_every()
+        };
+        assert_eq!(Settings::default().stale_after_secs, 3600);
+        assert_eq!(every(3600), Duration::from_secs(900));
+        assert_eq!(every(600), Duration::from_secs(150));
+        assert_eq!(every(60), Duration::from_secs(15));
+        assert_eq!(every(86_400), Duration::from_secs(900));
     }
 
     #[test]

@@ -317,3 +317,117 @@ async fn a_file_announced_while_ingest_is_down_is_processed_when_it_comes_back()
     ingest.stop().await;
     entities.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_never_finished_are_failed_and_announced_ones_are_left_alone() {
+    let (nats, client, entities) = world().await;
+    // Two replicas, built but not yet working the queue, so an announced
+    // file waits on UPLOADS.
+    let build = || async {
+        meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url()))
+            .await
+            .unwrap()
+    };
+    let (app, other) = (build().await, build().await);
+    let uploads = app.uploads().clone();
+    let bytes = file(10);
+    let request =
+        json!({"fileName": "calls.json", "contentType": "text/json", "contentLength": bytes.len()});
+    let new_job = || async { uploads.create(ORG, None, &request).await.unwrap() };
+    // Claimed as the gateway does, then the gateway stopped: twice.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let job = new_job().await;
+        stalled.push(uploads.start(ORG, &job.id).await.unwrap());
+    }
+    // Claimed, stored and announced: waiting to be processed.
+    let announced = new_job().await;
+    uploads.start(ORG, &announced.id).await.unwrap();
+    store_file(&client, &announced.id, &bytes).await;
+    let js = jetstream::new(client.clone());
+    let file_msg = UploadedFile {
+        org_id: ORG.into(),
+        job_id: announced.id.clone(),
+        size: bytes.len() as u64,
+    };
+    js.publish(
+        subjects::upload_job(ORG, &announced.id),
+        serde_json::to_vec(&file_msg).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // Being processed: its rows counted.
+    let counted = new_job().await;
+    let running = uploads.start(ORG, &counted.id).await.unwrap();
+    let mut at_work = running.clone();
+    at_work.total_rows = Some(10);
+    crash_at(&client, &at_work, 0).await;
+    // Never uploaded.
+    let waiting = new_job().await;
+
+    let threshold = chrono::Duration::seconds(3600);
+    let now = chrono::Utc::now();
+    assert_eq!(uploads.sweep_stalled(now).await.unwrap(), 0);
+    assert_eq!(
+        uploads.sweep_stalled(now + threshold / 2).await.unwrap(),
+        0,
+        "not stalled for long enough yet"
+    );
+    for job in &stalled {
+        assert_eq!(
+            uploads.get(ORG, &job.id).await.unwrap().status,
+            JobStatus::Running
+        );
+    }
+
+    // Both replicas sweep at once: each stalled job is failed once.
+    let later = now + threshold + chrono::Duration::seconds(1);
+    let (a, b) = tokio::join!(
+        uploads.sweep_stalled(later),
+        other.uploads().sweep_stalled(later)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 2);
+    for claimed in &stalled {
+        let job = uploads.get(ORG, &claimed.id).await.unwrap();
+        assert_eq!(job.status, JobStatus::Failed);
+        assert_eq!(
+            job.failure_reason.as_deref(),
+            Some(meterline_ingest::uploads::STALLED_REASON)
+        );
+        assert_eq!(job.version, claimed.version + 1, "failed exactly once");
+    }
+    assert_eq!(uploads.sweep_stalled(later).await.unwrap(), 0);
+    for (job, status) in [
+        (&announced, JobStatus::Running),
+        (&counted, JobStatus::Running),
+        (&waiting, JobStatus::NotUploaded),
+    ] {
+        let job = uploads.get(ORG, &job.id).await.unwrap();
+        assert_eq!(
+            (job.status, job.failure_reason.as_deref()),
+            (status, None),
+            "{}",
+            job.file_name
+        );
+    }
+
+    // The announced file is processed once ingest works the queue.
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+    let done = eventually(STEP * 3, "the announced job to be processed", || async {
+        let job = uploads.get(ORG, &announced.id).await.unwrap();
+        (job.status == JobStatus::Succeeded).then_some(job)
+    })
+    .await;
+    assert_eq!(done.processed_rows, 10);
+    stop.cancel();
+    tokio::time::timeout(STEP, task)
+        .await
+        .expect("stopped in time")
+        .unwrap()
+        .unwrap();
+    drop(other);
+    entities.stop().await;
+}
