@@ -19,6 +19,9 @@
 //! - `GET .../jobs`, `.../jobs/{id}` are ingest's replies as they are;
 //!   `.../jobs/{id}/original` answers with a signed download URL
 //!   (`download_url_ttl_secs`), whose `GET` streams the file back.
+//!
+//! A signature is a credential while its URL is valid, so request logs
+//! never show it ([`request_span`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -29,7 +32,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, object_store::ObjectStore};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -383,6 +386,48 @@ pub async fn original(
         uploads.download_ttl,
     );
     Ok(Json(json!({ "jobId": id, "url": url, "headers": {} })).into_response())
+}
+
+/// The span of one HTTP request: tower-http's default (`request` at debug
+/// level, with method, URI and version), but with the URI as
+/// [`redact_signature`] leaves it.
+pub fn request_span<B>(req: &Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method = %req.method(),
+        uri = %redact_signature(req.uri()),
+        version = ?req.version(),
+    )
+}
+
+/// `uri` for logs: the value of every `sig` query parameter (however its
+/// name is percent-encoded) replaced by `[redacted]`.
+pub fn redact_signature(uri: &Uri) -> String {
+    let full = uri.to_string();
+    let Some(query) = uri.query() else {
+        return full;
+    };
+    let is_sig = |pair: &&str| {
+        form_urlencoded::parse(pair.as_bytes())
+            .next()
+            .is_some_and(|(key, _)| key == "sig")
+    };
+    if !query.split('&').any(|p| is_sig(&p)) {
+        return full;
+    }
+    // The query is the end of a URI's text.
+    let mut out = full[..full.len() - query.len()].to_owned();
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(if is_sig(&pair) {
+            "sig=[redacted]"
+        } else {
+            pair
+        });
+    }
+    out
 }
 
 /// The org of a signed URL, once its signature and expiry are checked.
@@ -747,6 +792,35 @@ mod tests {
             let err = check_signed(&s, Purpose::Upload, "job1", q).unwrap_err();
             assert_eq!(err.status(), StatusCode::FORBIDDEN);
             assert!(err.error.message.contains("not signed"), "{q:?}");
+        }
+    }
+
+    #[test]
+    fn signatures_are_redacted_from_logged_uris() {
+        let s = Signer::new(b"key");
+        let q = s.query(Purpose::Upload, "org1", "job1", 1_900_000_000);
+        let sig = s.sign(Purpose::Upload, "org1", "job1", 1_900_000_000);
+        let redact = |u: &str| redact_signature(&u.parse::<Uri>().unwrap());
+        let logged = redact(&format!("/uploads/measurements/job1?{q}"));
+        assert_eq!(
+            logged,
+            "/uploads/measurements/job1?org=org1&expires=1900000000&sig=[redacted]"
+        );
+        assert!(!logged.contains(&sig));
+        for (uri, expected) in [
+            (
+                "http://gw:8080/uploads/measurements/j?sig=abc&org=o",
+                "http://gw:8080/uploads/measurements/j?sig=[redacted]&org=o",
+            ),
+            // Percent-encoded names are read as `sig` too, so they are redacted.
+            ("/x?%73ig=abc", "/x?sig=[redacted]"),
+            ("/x?sig=a&sig=b", "/x?sig=[redacted]&sig=[redacted]"),
+            ("/x?sig", "/x?sig=[redacted]"),
+            ("/x?signature=a&pageSize=2", "/x?signature=a&pageSize=2"),
+            ("/organizations/o1/meters", "/organizations/o1/meters"),
+            ("/x?", "/x?"),
+        ] {
+            assert_eq!(redact(uri), expected, "{uri}");
         }
     }
 
