@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod provision;
 pub mod registry;
 pub mod schema;
+pub mod serve;
 pub mod settings;
 pub mod shutdown;
 pub mod subjects;

@@ -28,14 +28,12 @@ use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use meterline_shared::envelope::{EntityEvent, HEADER_ACTOR};
 use meterline_shared::protocol::{Credentials, EntityRequest, VerifyRequest};
 use meterline_shared::settings::{NatsSettings, Secret};
 use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::{admin, bus, provision, registry, subjects, ServiceError};
+use meterline_shared::{admin, bus, provision, registry, serve, subjects, ServiceError};
 
 use crate::auth::Auth;
 use crate::codes::Codes;
@@ -177,41 +175,20 @@ impl App {
         let (service, endpoints) = (self.service, self.endpoints);
         tracing::info!(admin = %self.admin_addr, "entities service ready");
 
-        let mut requests = futures::stream::select_all(endpoints);
-        let permits = Arc::new(Semaphore::new(self.settings.max_in_flight.max(1)));
-        let mut in_flight = JoinSet::new();
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                req = requests.next() => {
-                    let Some(req) = req else { break };
-                    let permit = permits.clone().acquire_owned().await?;
-                    let entities = self.entities.clone();
-                    let auth = self.auth.clone();
-                    in_flight.spawn(async move {
-                        let reply = dispatch(&entities, &auth, &req.message).await;
-                        if let Err(e) = &reply {
-                            tracing::debug!(subject = %req.message.subject, code = ?e.code, message = %e.message, "request refused");
-                        }
-                        if let Err(e) = req.respond(reply.map_err(Into::into)).await {
-                            tracing::warn!(error = %e, "reply failed");
-                        }
-                        drop(permit);
-                    });
-                }
-            }
-        }
-        tracing::info!(in_flight = in_flight.len(), "draining");
+        let requests = futures::stream::select_all(endpoints);
+        let (entities, auth) = (self.entities.clone(), self.auth.clone());
+        let handler = move |msg: async_nats::Message| {
+            let (entities, auth) = (entities.clone(), auth.clone());
+            async move { dispatch(&entities, &auth, &msg).await }
+        };
+        serve::serve(
+            requests,
+            self.settings.max_in_flight,
+            shutdown.clone(),
+            handler,
+        )
+        .await?;
         let _ = service.stop().await;
-        let drain = async { while in_flight.join_next().await.is_some() {} };
-        if tokio::time::timeout(meterline_shared::shutdown::DRAIN_DEADLINE, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!("in-flight requests did not finish before the deadline");
-        }
         replay.abort();
         let _ = self.client.drain().await;
         Ok(())

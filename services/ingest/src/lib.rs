@@ -33,14 +33,12 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use meterline_shared::codec::Codec;
 use meterline_shared::envelope::{EntityEvent, HEADER_EVENT_NAME};
 use meterline_shared::settings::NatsSettings;
 use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::{admin, bus, provision, subjects, ServiceError};
+use meterline_shared::{admin, bus, provision, serve, subjects, ServiceError};
 
 use crate::commit::{Committer, Item};
 use crate::meters::{Failure, Meter, Meters};
@@ -446,39 +444,21 @@ impl App {
             shutdown.clone(),
         ));
         tracing::info!(admin = %self.admin_addr, "ingest service ready");
-        let permits = Arc::new(Semaphore::new(self.settings.max_in_flight.max(1)));
-        let mut in_flight = JoinSet::new();
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                req = self.endpoint.next() => {
-                    let Some(req) = req else { break };
-                    let permit = permits.clone().acquire_owned().await?;
-                    let ingest = self.ingest.clone();
-                    in_flight.spawn(async move {
-                        let reply = handle(&ingest, &req.message).await;
-                        if let Err(e) = &reply {
-                            tracing::debug!(subject = %req.message.subject, code = ?e.code, message = %e.message, "submit refused");
-                        }
-                        if let Err(e) = req.respond(reply.map_err(Into::into)).await {
-                            tracing::warn!(error = %e, "reply failed");
-                        }
-                        drop(permit);
-                    });
-                }
-            }
-        }
-        tracing::info!(in_flight = in_flight.len(), "draining");
+        let ingest = self.ingest.clone();
+        let handler = move |msg: async_nats::Message| {
+            let ingest = ingest.clone();
+            async move { handle(&ingest, &msg).await }
+        };
+        serve::serve(
+            self.endpoint,
+            self.settings.max_in_flight,
+            shutdown.clone(),
+            handler,
+        )
+        .await?;
         let _ = self.service.stop().await;
-        let drain = async { while in_flight.join_next().await.is_some() {} };
-        if tokio::time::timeout(meterline_shared::shutdown::DRAIN_DEADLINE, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!("in-flight submits did not finish before the deadline");
-        }
+        // Upload processing stops with the same token and leaves unfinished
+        // jobs to be resumed.
         let _ = uploads.await;
         for r in replays {
             r.abort();
