@@ -271,17 +271,20 @@ async fn commit_group(
         let mut in_group: HashSet<&str> = HashSet::new();
         let mut to_check: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
         for (r, p) in requests.iter().enumerate() {
-            let mut fps = p.prepared.fps.iter();
+            let mut candidates = inner
+                .index
+                .candidates(org, &p.prepared.fps, day)
+                .into_iter();
             for (i, item) in p.items.iter().enumerate() {
                 let m = &item.measurement;
                 if m.generated_uid {
                     fresh[r].push(i);
                     continue;
                 }
-                let fp = fps.next().copied().unwrap_or_default();
+                let candidate = candidates.next().flatten();
                 if !in_group.insert(m.uid.as_str()) {
                     outcomes[r].duplicates.push(item.index);
-                } else if let Some(c) = inner.index.candidate(org, fp, day) {
+                } else if let Some(c) = candidate {
                     to_check.entry(c.marker_seq).or_default().push((r, i));
                 } else {
                     fresh[r].push(i);

@@ -162,7 +162,6 @@ impl Ingest {
         }
         let mut items = Vec::with_capacity(n);
         let mut failures: Vec<(usize, Failure)> = Vec::new();
-        let mut uids_seen: HashSet<String> = HashSet::new();
         // Meters looked up once per request; an unknown one once more after
         // catching up with meters written moments ago.
         let mut known: HashMap<String, Option<Arc<Meter>>> = HashMap::new();
@@ -179,29 +178,40 @@ impl Ingest {
                     meters::validate_raw(raw, |code| self.meter(org, code, &mut known), new_uid);
             }
             match result {
-                Ok((m, meter)) => {
-                    if !m.generated_uid && !uids_seen.insert(m.uid.clone()) {
-                        failures.push((
-                            index,
-                            Failure {
-                                error_type: ErrorType::DuplicateUid,
-                                message: format!(
-                                    "uid {:?} appears more than once in this request",
-                                    m.uid
-                                ),
-                            },
-                        ));
-                        continue;
-                    }
-                    items.push(Item {
-                        index,
-                        meter_id: meter.id.clone(),
-                        measurement: m,
-                    });
-                }
+                Ok((m, meter)) => items.push(Item {
+                    index,
+                    meter_id: meter.id.clone(),
+                    measurement: m,
+                }),
                 Err(f) => failures.push((index, f)),
             }
         }
+        // A uid twice in one request: the first stands, the others are
+        // rejected.
+        let mut first: HashSet<&str> = HashSet::new();
+        let repeated: Vec<usize> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| {
+                !item.measurement.generated_uid && !first.insert(item.measurement.uid.as_str())
+            })
+            .map(|(pos, _)| pos)
+            .collect();
+        drop(first);
+        for pos in repeated.into_iter().rev() {
+            let item = items.remove(pos);
+            failures.push((
+                item.index,
+                Failure {
+                    error_type: ErrorType::DuplicateUid,
+                    message: format!(
+                        "uid {:?} appears more than once in this request",
+                        item.measurement.uid
+                    ),
+                },
+            ));
+        }
+        failures.sort_by_key(|(index, _)| *index);
         let outcome = self.committer.commit(org, items).await?;
         // Rejected measurements as sent, for their events and the reply.
         let rejected: Vec<Value> = failures
@@ -517,6 +527,11 @@ async fn replay_markers(
         let Some(org) = subject.strip_prefix("uidx.") else {
             return;
         };
+        // This replica's own commits are applied when acknowledged; their
+        // markers coming back need no decoding.
+        if index.has_marker(org, seq) {
+            return;
+        }
         match rmp_serde::from_slice::<Marker>(payload) {
             Ok(m) => index.apply(org, seq, m.day, m.uids.iter().map(|u| fingerprint(org, u))),
             Err(e) => tracing::warn!(seq, error = %e, "skipping undecodable uid marker"),

@@ -80,6 +80,31 @@ impl UidIndex {
         self.changed.notify_waiters();
     }
 
+    /// Whether the marker at `seq` is already applied.
+    pub fn has_marker(&self, org: &str, seq: u64) -> bool {
+        self.orgs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(org)
+            .is_some_and(|ix| ix.by_seq.contains_key(&seq))
+    }
+
+    /// For each fingerprint, the marker that may have accepted it within the
+    /// window ending on `today`: one lock and one org lookup for a batch.
+    pub fn candidates(&self, org: &str, fps: &[u64], today: u32) -> Vec<Option<Candidate>> {
+        let orgs = self.orgs.read().unwrap_or_else(|e| e.into_inner());
+        let Some(ix) = orgs.get(org) else {
+            return vec![None; fps.len()];
+        };
+        fps.iter()
+            .map(|fp| {
+                let m = ix.markers.get(*ix.uids.get(fp)? as usize)?;
+                (today.saturating_sub(m.day) < WINDOW_DAYS)
+                    .then_some(Candidate { marker_seq: m.seq })
+            })
+            .collect()
+    }
+
     /// The expected last subject sequence for the org's next commit.
     pub fn last_seq(&self, org: &str) -> u64 {
         self.orgs
@@ -103,11 +128,7 @@ impl UidIndex {
     /// The marker that may have accepted this fingerprint within the window
     /// ending on `today`.
     pub fn candidate(&self, org: &str, fp: u64, today: u32) -> Option<Candidate> {
-        let orgs = self.orgs.read().unwrap_or_else(|e| e.into_inner());
-        let ix = orgs.get(org)?;
-        let slot = *ix.uids.get(&fp)?;
-        let m = ix.markers.get(slot as usize)?;
-        (today.saturating_sub(m.day) < WINDOW_DAYS).then_some(Candidate { marker_seq: m.seq })
+        self.candidates(org, &[fp], today).pop().flatten()
     }
 
     /// Forgets uids accepted more than the window ago. Returns how many.
