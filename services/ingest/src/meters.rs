@@ -372,29 +372,8 @@ pub fn validate(
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(fail(ErrorType::InvalidUid, "uid must be a string")),
     };
-    if !is_date_time(&ts) {
-        return Err(fail(
-            ErrorType::InvalidTimestamp,
-            format!("ts {ts:?} is not an ISO-8601 date-time"),
-        ));
-    }
     let ets = text("ets")?;
-    if let Some(e) = &ets {
-        if !is_date_time(e) {
-            return Err(fail(
-                ErrorType::InvalidTimestamp,
-                format!("ets {e:?} is not an ISO-8601 date-time"),
-            ));
-        }
-        if let (Ok(a), Ok(b)) = (
-            DateTime::parse_from_rfc3339(&ts),
-            DateTime::parse_from_rfc3339(e),
-        ) {
-            if b < a {
-                return Err(fail(ErrorType::InvalidTimestamp, "ets is before ts"));
-            }
-        }
-    }
+    check_times(&ts, ets.as_deref())?;
     let meter = meter.ok_or_else(|| {
         fail(
             ErrorType::UndefinedMeter,
@@ -410,23 +389,6 @@ pub fn validate(
                 ErrorType::InvalidField,
                 format!("unknown field {key:?}"),
             ));
-        }
-    }
-    // A code in two categories is reported as such, whichever comes first.
-    let mut seen: HashMap<&str, &str> = HashMap::new();
-    for cat in TEXT_CATEGORIES.iter().chain(NUMBER_CATEGORIES.iter()) {
-        for code in obj
-            .get(*cat)
-            .and_then(Value::as_object)
-            .into_iter()
-            .flat_map(|m| m.keys())
-        {
-            if let Some(other) = seen.insert(code.as_str(), cat) {
-                return Err(fail(
-                    ErrorType::DuplicateField,
-                    format!("field {code:?} is given in both {other} and {cat}"),
-                ));
-            }
         }
     }
     let mut m = Measurement {
@@ -454,24 +416,6 @@ pub fn validate(
             .as_object()
             .ok_or_else(|| fail(ErrorType::InvalidField, format!("{cat} must be an object")))?;
         for (code, value) in map {
-            match meter.fields.get(code) {
-                Some(c) if c == cat => {}
-                Some(c) => {
-                    return Err(fail(
-                        ErrorType::UndefinedField,
-                        format!(
-                            "field {code:?} of meter {:?} is a {c} field, not {cat}",
-                            meter.code
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(fail(
-                        ErrorType::UndefinedField,
-                        format!("meter {:?} has no field {code:?}", meter.code),
-                    ));
-                }
-            }
             if NUMBER_CATEGORIES.contains(cat) {
                 let n = value.as_f64().filter(|f| f.is_finite()).ok_or_else(|| {
                     fail(
@@ -492,12 +436,6 @@ pub fn validate(
                         format!("{cat}.{code} must be a string, not {value}"),
                     )
                 })?;
-                if *cat == "metadata" && s.chars().count() > 256 {
-                    return Err(fail(
-                        ErrorType::InvalidField,
-                        format!("metadata.{code} is longer than 256 characters"),
-                    ));
-                }
                 let target = match *cat {
                     "who" => &mut m.who,
                     "what" => &mut m.what,
@@ -509,6 +447,7 @@ pub fn validate(
             }
         }
     }
+    check_fields(&m, meter)?;
     Ok(m)
 }
 
