@@ -34,6 +34,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod forward;
 pub mod measurements;
 pub mod ratelimit;
 pub mod routes;
@@ -47,7 +48,6 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue};
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -285,13 +285,7 @@ fn openapi_document(public_url: Option<&str>) -> Bytes {
 }
 
 async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        state.inner.openapi.clone(),
-    )
+    forward::json(state.inner.openapi.clone())
 }
 
 /// The whole HTTP API. Tests can drive it without a socket.
@@ -523,7 +517,7 @@ mod tests {
             .starts_with("malformed JSON"));
         let res = r.clone().oneshot(submit("o1", "{}")).await.unwrap();
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(res.headers()[header::RETRY_AFTER], "1000");
+        assert_eq!(res.headers()[axum::http::header::RETRY_AFTER], "1000");
         let body = axum::body::to_bytes(res.into_body(), 1 << 20)
             .await
             .unwrap();

@@ -10,16 +10,17 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::Extension;
-use meterline_shared::{bus, codec, envelope, subjects};
+use meterline_shared::subjects;
 use serde::de::IgnoredAny;
-use tracing::{debug, instrument, Span};
+use tracing::{instrument, Span};
 
 use crate::auth::Caller;
 use crate::body;
 use crate::error::ApiError;
+use crate::forward;
 use crate::AppState;
 
 /// The route, as m3ter names it.
@@ -49,22 +50,10 @@ pub async fn submit(
     Span::current().record("bytes", payload.len());
     check_json(&payload)?;
     let subject = subjects::ingest_submit(&caller.org_id);
-    let mut bus_headers = codec::Codec::Json.headers();
-    bus_headers.insert(envelope::HEADER_ACTOR, caller.service_user_id.as_str());
-    let reply = bus::request(&app.inner.nats, subject.clone(), bus_headers, payload)
+    let actor = Some(caller.service_user_id.as_str());
+    forward::request(&app, subject, actor, payload)
         .await
-        .map_err(|e| {
-            debug!(%subject, code = ?e.code, reason = %e.message, "ingest request failed");
-            ApiError::from(e)
-        })?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        reply,
-    )
-        .into_response())
+        .map(forward::json)
 }
 
 #[cfg(test)]

@@ -4,20 +4,20 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRef, RawPathParams, RawQuery, State};
-use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Extension, Router};
 use meterline_shared::protocol::{EntityRequest, MAX_PAGE_SIZE};
 use meterline_shared::registry::{EntityType, REGISTRY};
 use meterline_shared::subjects::{self, ops};
-use meterline_shared::{bus, codec, envelope, ServiceError};
+use meterline_shared::ServiceError;
 use serde_json::{Map, Value};
-use tracing::{debug, instrument, Span};
+use tracing::{instrument, Span};
 
 use crate::auth::Caller;
 use crate::body::LimitedBody;
 use crate::error::ApiError;
+use crate::forward;
 use crate::AppState;
 
 /// The state of one route: the app and the entity type it serves.
@@ -128,23 +128,11 @@ async fn call(
     request: &EntityRequest,
 ) -> Result<Response, ApiError> {
     let subject = subjects::entities_request(&caller.org_id, ty.name, op);
-    let mut headers = codec::Codec::Json.headers();
-    headers.insert(envelope::HEADER_ACTOR, caller.service_user_id.as_str());
     let payload = serde_json::to_vec(request).map_err(ServiceError::internal)?;
-    let reply = bus::request(&app.inner.nats, subject.clone(), headers, payload.into())
+    let actor = Some(caller.service_user_id.as_str());
+    forward::request(app, subject, actor, payload.into())
         .await
-        .map_err(|e| {
-            debug!(%subject, code = ?e.code, reason = %e.message, "entities request failed");
-            ApiError::from(e)
-        })?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        reply,
-    )
-        .into_response())
+        .map(forward::json)
 }
 
 #[instrument(skip_all, fields(entity = state.ty.name, op = "create", org))]

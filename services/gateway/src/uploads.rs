@@ -42,7 +42,7 @@ use futures::{Stream, StreamExt};
 use hmac::{Hmac, Mac};
 use meterline_shared::protocol::{upload_object_name, UploadRequest, UploadedFile, MAX_PAGE_SIZE};
 use meterline_shared::subjects::{self, upload_ops};
-use meterline_shared::{bus, codec, envelope, provision, ErrorCode, ServiceError};
+use meterline_shared::{codec, provision, ErrorCode, ServiceError};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -52,6 +52,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::auth::Caller;
 use crate::body::{self, LimitedBody};
 use crate::error::ApiError;
+use crate::forward;
 use crate::{AppState, Settings};
 
 pub const GENERATE_PATH: &str = "/organizations/{orgId}/fileuploads/measurements/generateUploadUrl";
@@ -210,17 +211,6 @@ impl UploadState {
     }
 }
 
-fn json_response(bytes: Bytes) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        bytes,
-    )
-        .into_response()
-}
-
 /// One request to ingest's upload endpoint.
 async fn ingest(
     app: &AppState,
@@ -229,18 +219,8 @@ async fn ingest(
     op: &str,
     request: &UploadRequest,
 ) -> Result<Bytes, ApiError> {
-    let subject = subjects::ingest_upload(org, op);
-    let mut headers = codec::Codec::Json.headers();
-    if let Some(actor) = actor {
-        headers.insert(envelope::HEADER_ACTOR, actor);
-    }
     let payload = serde_json::to_vec(request).map_err(ServiceError::internal)?;
-    bus::request(&app.inner.nats, subject.clone(), headers, payload.into())
-        .await
-        .map_err(|e| {
-            debug!(%subject, code = ?e.code, reason = %e.message, "upload request failed");
-            ApiError::from(e)
-        })
+    forward::request(app, subjects::ingest_upload(org, op), actor, payload.into()).await
 }
 
 fn job_id(id: &str) -> Result<(), ApiError> {
@@ -336,7 +316,7 @@ pub async fn list_jobs(
         }
     }
     let reply = ingest(&app, &caller.org_id, None, upload_ops::LIST, &request).await?;
-    Ok(json_response(reply))
+    Ok(forward::json(reply))
 }
 
 /// `GET /organizations/{orgId}/fileuploads/measurements/jobs/{id}`.
@@ -352,7 +332,7 @@ pub async fn get_job(
         ..Default::default()
     };
     let reply = ingest(&app, &caller.org_id, None, upload_ops::GET, &request).await?;
-    Ok(json_response(reply))
+    Ok(forward::json(reply))
 }
 
 /// `GET /organizations/{orgId}/fileuploads/measurements/jobs/{id}/original`:
@@ -679,7 +659,7 @@ pub async fn put_file(
         );
     }
     info!(org, job, bytes = size, "file uploaded");
-    Ok(json_response(claimed))
+    Ok(forward::json(claimed))
 }
 
 fn over_limit_reason(limit: u64) -> String {
