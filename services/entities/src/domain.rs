@@ -415,13 +415,7 @@ impl Entities {
         }
         let current = self.current(org, ty, &id, &req).await?;
         let old = current.live().cloned().unwrap_or(Value::Null);
-        let current_version = old.get("version").and_then(Value::as_i64).unwrap_or(0);
-        if version != current_version {
-            return Err(ServiceError::conflict(format!(
-                "version {version} is not the current version of {} {id:?} ({current_version}); read it again and retry",
-                ty.name
-            )));
-        }
+        let current_version = check_version(ty, &id, &old, version)?;
         if let Some(p) = ty.parent {
             let pid = old.get(p.field).cloned().unwrap_or(Value::Null);
             match obj.get(p.field) {
@@ -500,12 +494,7 @@ impl Entities {
         let current = self.current(org, ty, &id, &req).await?;
         let old = current.live().cloned().unwrap_or(Value::Null);
         if let Some(expected) = req.version {
-            let v = old.get("version").and_then(Value::as_i64).unwrap_or(0);
-            if v != expected {
-                return Err(ServiceError::conflict(format!(
-                    "version {expected} is not the current version ({v})"
-                )));
-            }
+            check_version(ty, &id, &old, expected)?;
         }
         self.write(
             org,
@@ -629,6 +618,23 @@ impl Entities {
             .await?;
         Ok(Page { data, next_token })
     }
+}
+
+/// The entity's current version, if `expected` is it; else 409.
+fn check_version(
+    ty: &EntityType,
+    id: &str,
+    state: &Value,
+    expected: i64,
+) -> Result<i64, ServiceError> {
+    let current = state.get("version").and_then(Value::as_i64).unwrap_or(0);
+    if expected != current {
+        return Err(ServiceError::conflict(format!(
+            "version {expected} is not the current version of {} {id:?} ({current}); read it again and retry",
+            ty.name
+        )));
+    }
+    Ok(current)
 }
 
 /// A stored state: `id` and `version` first, then the body's own fields in
