@@ -10,11 +10,10 @@ use serde_json::{json, Value};
 
 use meterline_entities::{App, Settings};
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::NatsServer;
+use meterline_shared::testkit::{NatsServer, Running};
 use meterline_shared::{bus, subjects};
 
-use crate::{compare, env_usize, measure, Figure, Row, Running, ORG};
+use crate::{compare, env_usize, measure, Figure, Row, ORG};
 
 fn product(i: usize) -> Value {
     json!({"name": format!("Product {i}"), "code": format!("product-{i}")})
@@ -26,11 +25,7 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     let app = App::build(Settings::for_tests(nats.url())).await?;
-    let stop = CancellationToken::new();
-    let entities = Running {
-        task: tokio::spawn(app.run_until_stopped(stop.clone())),
-        stop,
-    };
+    let entities = Running::spawn(|stop| app.run_until_stopped(stop));
     meterline_entities::bootstrap(&client, ORG, "Bench", "bench")
         .await
         .map_err(|e| anyhow::anyhow!("bootstrap: {e}"))?;

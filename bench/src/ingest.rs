@@ -13,11 +13,10 @@ use meterline_ingest::model::{Marker, Measurement, MeasurementGroup};
 use meterline_ingest::uids::{fingerprint, UidIndex};
 use meterline_shared::codec::Codec;
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::NatsServer;
+use meterline_shared::testkit::{NatsServer, Running};
 use meterline_shared::{bus, subjects};
 
-use crate::{compare, env_usize, measure, Figure, Row, Running, ORG};
+use crate::{compare, env_usize, measure, Figure, Row, ORG};
 
 const BATCH: usize = 1000;
 /// JetStream's own de-duplication (`Nats-Msg-Id`) keeps about this much
@@ -96,28 +95,18 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let concurrency = env_usize("BENCH_CONCURRENCY", 64).min(32);
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
-    let stop = CancellationToken::new();
     let entities =
         meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url())).await?;
-    let entities = Running {
-        task: tokio::spawn(entities.run_until_stopped(stop.clone())),
-        stop: stop.clone(),
-    };
+    let entities = Running::spawn(|stop| entities.run_until_stopped(stop));
     let ingest =
         meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url())).await?;
-    let ingest = Running {
-        task: tokio::spawn(ingest.run_until_stopped(stop.clone())),
-        stop: stop.clone(),
-    };
+    let ingest = Running::spawn(|stop| ingest.run_until_stopped(stop));
     // The gateway as tests build it: no rate limits, so the figure is the
     // path's own speed.
     let gateway =
         meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url())).await?;
     let url = format!("http://{}", gateway.http_addr());
-    let gateway = Running {
-        task: tokio::spawn(gateway.run_until_stopped(stop.clone())),
-        stop,
-    };
+    let gateway = Running::spawn(|stop| gateway.run_until_stopped(stop));
     let creds = meterline_entities::bootstrap(&client, ORG, "Bench", "bench-ingest")
         .await
         .map_err(|e| anyhow::anyhow!("bootstrap: {e}"))?;

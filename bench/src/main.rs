@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use meterline_shared::shutdown::CancellationToken;
 use meterline_shared::testkit::NatsServer;
 
 pub const ORG: &str = "bench";
@@ -130,19 +129,6 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A service running in this process until `stop` is cancelled.
-pub struct Running {
-    pub stop: CancellationToken,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    pub async fn stop(self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
-    }
 }
 
 #[tokio::main]

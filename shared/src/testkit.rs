@@ -176,3 +176,37 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A service running in this process until stopped: what tests and benches
+/// hold for each `App::run_until_stopped` they start.
+pub struct Running {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Spawns `run` with a fresh shutdown token.
+    pub fn spawn<F>(run: impl FnOnce(tokio_util::sync::CancellationToken) -> F) -> Running
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(run(stop.clone()));
+        Running { stop, task }
+    }
+
+    /// Shuts the service down as a signal would and checks it ran cleanly.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the service stopped in time")
+            .expect("the service task")
+            .expect("the service ran cleanly");
+    }
+
+    /// Ends the service without draining, as a crash would.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}

@@ -11,46 +11,23 @@ use serde_json::{json, Value};
 
 use meterline_ingest::model::MeasurementGroup;
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::{eventually, NatsServer};
+use meterline_shared::testkit::{eventually, NatsServer, Running};
 use meterline_shared::{bus, subjects, ErrorCode, ServiceError};
 
 const ORG: &str = "acme";
 
-struct Svc {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Svc {
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("stopped in time")
-            .unwrap()
-            .unwrap();
-    }
-    /// Ends the service without draining, as a crash would.
-    fn kill(self) {
-        self.task.abort();
-    }
-}
-
-async fn start_ingest(nats: &NatsServer) -> Svc {
+async fn start_ingest(nats: &NatsServer) -> Running {
     let app = meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url()))
         .await
         .unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-    Svc { stop, task }
+    Running::spawn(|stop| app.run_until_stopped(stop))
 }
 
 struct World {
     nats: NatsServer,
     client: async_nats::Client,
-    entities: Option<Svc>,
-    ingest: Option<Svc>,
+    entities: Option<Running>,
+    ingest: Option<Running>,
 }
 
 impl World {
@@ -61,11 +38,7 @@ impl World {
             meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
                 .await
                 .unwrap();
-        let stop = CancellationToken::new();
-        let entities = Svc {
-            task: tokio::spawn(app.run_until_stopped(stop.clone())),
-            stop,
-        };
+        let entities = Running::spawn(|stop| app.run_until_stopped(stop));
         meterline_entities::bootstrap(&client, ORG, "Acme", "ingest-tests")
             .await
             .unwrap();

@@ -16,51 +16,29 @@ use meterline_ingest::uploads::{JobStatus, UploadJob, Uploads};
 use meterline_shared::protocol::{upload_object_name, EntityRequest, UploadRequest, UploadedFile};
 use meterline_shared::shutdown::CancellationToken;
 use meterline_shared::subjects::{self, upload_ops};
-use meterline_shared::testkit::{eventually, NatsServer};
+use meterline_shared::testkit::{eventually, NatsServer, Running};
 use meterline_shared::{bus, provision};
 
 const ORG: &str = "acme";
 const STEP: Duration = Duration::from_secs(20);
 
-struct Svc {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Svc {
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(STEP, self.task)
-            .await
-            .expect("stopped in time")
-            .unwrap()
-            .unwrap();
-    }
-}
-
 /// Runs ingest; returns it with a handle on its uploads.
-async fn start_ingest(nats: &NatsServer) -> (Svc, Uploads) {
+async fn start_ingest(nats: &NatsServer) -> (Running, Uploads) {
     let app = meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url()))
         .await
         .unwrap();
     let uploads = app.uploads().clone();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-    (Svc { stop, task }, uploads)
+    (Running::spawn(|stop| app.run_until_stopped(stop)), uploads)
 }
 
 /// A nats-server, the entities service with the org and a meter.
-async fn world() -> (NatsServer, async_nats::Client, Svc) {
+async fn world() -> (NatsServer, async_nats::Client, Running) {
     let nats = NatsServer::start();
     let client = nats.client().await;
     let app = meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
         .await
         .unwrap();
-    let stop = CancellationToken::new();
-    let entities = Svc {
-        task: tokio::spawn(app.run_until_stopped(stop.clone())),
-        stop,
-    };
+    let entities = Running::spawn(|stop| app.run_until_stopped(stop));
     meterline_entities::bootstrap(&client, ORG, "Acme", "upload-tests")
         .await
         .unwrap();

@@ -3,62 +3,23 @@
 
 #![allow(dead_code)]
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 use meterline_entities::{App, Settings};
 use meterline_shared::envelope::HEADER_ACTOR;
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::NatsServer;
+use meterline_shared::testkit::{NatsServer, Running};
 use meterline_shared::{bus, subjects, ServiceError};
 
 pub const ORG: &str = "org-test";
-
-pub struct Running {
-    pub stop: CancellationToken,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    pub async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("entities stopped in time")
-            .expect("entities task")
-            .expect("entities ran cleanly");
-    }
-}
 
 pub async fn start_entities(nats: &NatsServer) -> Running {
     let app = App::build(Settings::for_tests(nats.url()))
         .await
         .expect("build entities");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-    // Wait until the endpoints answer.
-    let client = nats.client().await;
-    meterline_shared::testkit::eventually(Duration::from_secs(10), "entities endpoints", || {
-        let client = client.clone();
-        async move {
-            let r = bus::request(
-                &client,
-                subjects::entities_request("probe", "organization", "get"),
-                Default::default(),
-                Bytes::from_static(b"{\"id\":\"probe\"}"),
-            )
-            .await;
-            match r {
-                Err(e) if e.code == meterline_shared::ErrorCode::Unavailable => None,
-                _ => Some(()),
-            }
-        }
-    })
-    .await;
-    Running { stop, task }
+    // `build` returns once the server has the endpoints' subscriptions.
+    Running::spawn(|stop| app.run_until_stopped(stop))
 }
 
 /// A test world: a server, the service, a client and an org.
