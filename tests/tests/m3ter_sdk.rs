@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::{eventually, NatsServer};
-use meterline_shared::ErrorCode;
+use meterline_shared::testkit::{NatsServer, Running};
 
 const HOW_TO_INSTALL: &str = "run `make test` (installs the SDK into .tools/)";
 /// The SDK check makes a few dozen calls; allow for a slow debug build.
@@ -53,50 +51,31 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
     let script = workspace_root().join("tests/sdk/m3ter_sdk_check.py");
 
     let nats = NatsServer::start();
-    let shutdown = CancellationToken::new();
-
     let entities =
         meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
             .await
             .expect("build entities");
-    let entities = tokio::spawn(entities.run_until_stopped(shutdown.clone()));
-
+    let entities = Running::spawn(|stop| entities.run_until_stopped(stop));
     let ingest = meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url()))
         .await
         .expect("build ingest");
-    let ingest = tokio::spawn(ingest.run_until_stopped(shutdown.clone()));
-
+    let ingest = Running::spawn(|stop| ingest.run_until_stopped(stop));
     let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
         .await
         .expect("build gateway");
     let base_url = format!("http://{}", gateway.http_addr());
-    let gateway = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
+    let gateway = Running::spawn(|stop| gateway.run_until_stopped(stop));
 
-    // The entities endpoints answer once the service has started serving:
-    // retry while nobody answers yet.
+    // The services answer as soon as their `build` returned.
     let client = nats.client().await;
-    let creds = eventually(
-        Duration::from_secs(30),
-        "entities to answer the bootstrap",
-        || {
-            let client = client.clone();
-            async move {
-                match meterline_entities::bootstrap(
-                    &client,
-                    "sdk-check-org",
-                    "SDK check organization",
-                    "sdk-check",
-                )
-                .await
-                {
-                    Ok(creds) => Some(creds),
-                    Err(e) if e.code == ErrorCode::Unavailable => None,
-                    Err(e) => panic!("bootstrap an organization and a service user: {e}"),
-                }
-            }
-        },
+    let creds = meterline_entities::bootstrap(
+        &client,
+        "sdk-check-org",
+        "SDK check organization",
+        "sdk-check",
     )
-    .await;
+    .await
+    .expect("bootstrap an organization and a service user");
 
     let mut command = tokio::process::Command::new(&python);
     command
@@ -131,16 +110,7 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
         "the m3ter SDK check printed no summary.\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
     );
 
-    shutdown.cancel();
-    for (name, task) in [
-        ("gateway", gateway),
-        ("ingest", ingest),
-        ("entities", entities),
-    ] {
-        tokio::time::timeout(Duration::from_secs(15), task)
-            .await
-            .unwrap_or_else(|_| panic!("{name} did not stop in time"))
-            .expect("task panicked")
-            .unwrap_or_else(|e| panic!("{name} failed: {e:#}"));
-    }
+    gateway.stop().await;
+    ingest.stop().await;
+    entities.stop().await;
 }

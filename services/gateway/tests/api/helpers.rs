@@ -10,8 +10,8 @@ use meterline_gateway::{App, Claims, Settings, TokenKeys, TEST_JWT_SECRET};
 use meterline_shared::envelope::EntityEvent;
 use meterline_shared::protocol::Credentials;
 use meterline_shared::shutdown::CancellationToken;
-use meterline_shared::testkit::{eventually, NatsServer};
-use meterline_shared::{subjects, ErrorCode};
+use meterline_shared::subjects;
+use meterline_shared::testkit::{NatsServer, Running};
 use serde_json::{json, Value};
 
 /// How long any single awaited step of a test may take.
@@ -126,58 +126,33 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 }
 
 /// The real entities service, running in this process.
-pub struct Entities {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
+pub struct Entities;
 
 impl Entities {
-    pub async fn start(nats: &NatsServer) -> Entities {
+    pub async fn start(nats: &NatsServer) -> Running {
         let app = within(
             "building entities",
             meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url())),
         )
         .await
         .expect("build entities");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-        Entities { stop, task }
-    }
-
-    /// Stops the service and checks it exits cleanly, in time.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        within("entities stopping", self.task)
-            .await
-            .unwrap()
-            .unwrap();
+        Running::spawn(|stop| app.run_until_stopped(stop))
     }
 }
 
 /// The real ingest service, running in this process.
-pub struct Ingest {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
+pub struct Ingest;
 
 impl Ingest {
     /// Builds (which registers its submit endpoint) and runs the service.
-    pub async fn start(nats: &NatsServer) -> Ingest {
+    pub async fn start(nats: &NatsServer) -> Running {
         let app = within(
             "building ingest",
             meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url())),
         )
         .await
         .expect("build ingest");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-        Ingest { stop, task }
-    }
-
-    /// Stops the service and checks it exits cleanly, in time.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        within("ingest stopping", self.task).await.unwrap().unwrap();
+        Running::spawn(|stop| app.run_until_stopped(stop))
     }
 }
 
@@ -185,7 +160,7 @@ impl Ingest {
 /// org bootstrapped with a service user and access key.
 pub struct World {
     pub nats: NatsServer,
-    pub entities: Entities,
+    pub entities: Running,
     pub gw: Gateway,
     pub creds: Credentials,
     js: jetstream::Context,
@@ -268,28 +243,14 @@ impl World {
 /// Creates an org with a service user and access key once the entities
 /// service answers (it registers its endpoints after it starts running).
 pub async fn bootstrap(nats: &NatsServer, org: &str) -> Credentials {
+    // The entities service answers as soon as its `build` returned.
     let client = nats.client().await;
-    eventually(
-        Duration::from_secs(20),
-        "entities to answer a bootstrap",
-        || {
-            let client = client.clone();
-            async move {
-                match tokio::time::timeout(
-                    STEP,
-                    meterline_entities::bootstrap(&client, org, "Test org", "tester"),
-                )
-                .await
-                {
-                    Ok(Ok(creds)) => Some(creds),
-                    Ok(Err(e)) if e.code == ErrorCode::Unavailable => None,
-                    Ok(Err(e)) => panic!("bootstrap {org}: {e}"),
-                    Err(_) => None,
-                }
-            }
-        },
+    within(
+        "bootstrap",
+        meterline_entities::bootstrap(&client, org, "Test org", "tester"),
     )
     .await
+    .unwrap_or_else(|e| panic!("bootstrap {org}: {e}"))
 }
 
 /// A token for `creds` from `/oauth/token`: Basic credentials, JSON grant.

@@ -13,7 +13,7 @@ use meterline_gateway::uploads::{Purpose, Signer};
 use meterline_gateway::TEST_UPLOAD_SIGNING_KEY;
 use meterline_ingest::model::MeasurementGroup;
 use meterline_shared::protocol::upload_object_name;
-use meterline_shared::testkit::eventually;
+use meterline_shared::testkit::{eventually, Running};
 use meterline_shared::{provision, subjects};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +28,7 @@ const ACCOUNT: &str = "acme";
 async fn world(
     org: &str,
     configure: impl FnOnce(&mut meterline_gateway::Settings),
-) -> (World, Ingest, String) {
+) -> (World, Running, String) {
     let w = World::with_gateway(org, configure).await;
     let ingest = Ingest::start(&w.nats).await;
     let token = w.token().await;
