@@ -13,7 +13,8 @@
 //!
 //! The machine is shared and noisy: Meterline and raw runs alternate in
 //! rounds so both see the same background load. Sizes can be set with
-//! `BENCH_ENTITY_OPS`, `BENCH_INGEST_BATCHES` and `BENCH_CONCURRENCY`.
+//! `BENCH_ENTITY_OPS`, `BENCH_INGEST_BATCHES` and `BENCH_CONCURRENCY`; `cargo run
+//! --release -p meterline-bench -- ingest` runs only the named parts.
 
 mod entities;
 mod ingest;
@@ -138,8 +139,17 @@ async fn main() -> anyhow::Result<()> {
         "nats-server {} (JetStream, sync_interval: always)",
         nats.url()
     );
-    let mut rows = entities::run(&nats).await?;
-    rows.extend(ingest::run(&nats).await?);
+    // `make bench` runs every part; `cargo run -p meterline-bench -- ingest`
+    // runs only the parts whose names are given.
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let wanted = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
+    let mut rows = Vec::new();
+    if wanted("entities") {
+        rows.extend(entities::run(&nats).await?);
+    }
+    if wanted("ingest") {
+        rows.extend(ingest::run(&nats).await?);
+    }
     println!();
     println!("| figure | Meterline | raw bus | ratio |");
     println!("|---|---:|---:|---:|");

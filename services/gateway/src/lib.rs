@@ -508,13 +508,10 @@ mod tests {
             .unwrap();
         let (status, _) = call(r.clone(), unauthenticated).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
-        // The first request takes the org's one token, and is not JSON.
-        let (status, body) = call(r.clone(), submit("o1", "not json")).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(body["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("malformed JSON"));
+        // The first request takes the org's one token, and is over the size
+        // limit.
+        let (status, body) = call(r.clone(), submit("o1", "x".repeat(101))).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
         let res = r.clone().oneshot(submit("o1", "{}")).await.unwrap();
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(res.headers()[axum::http::header::RETRY_AFTER], "1000");

@@ -24,8 +24,10 @@ use meterline_shared::codec::Codec;
 use meterline_shared::ServiceError;
 
 use crate::batch::{self, Outgoing};
-use crate::model::{Marker, Measurement};
+use crate::meters::Meter;
+use crate::model::Marker;
 use crate::uids::{fingerprint, UidIndex};
+use crate::wire;
 
 /// Most measurements one commit takes from waiting requests.
 const GROUP_MEASUREMENTS: usize = 50_000;
@@ -53,8 +55,12 @@ pub fn marker_subject(org: &str) -> String {
 pub struct Item {
     /// Position in the caller's request.
     pub index: usize,
-    pub meter_id: String,
-    pub measurement: Measurement,
+    pub uid: String,
+    /// The uid was generated: it takes no part in de-duplication.
+    pub generated_uid: bool,
+    pub meter: Arc<Meter>,
+    /// The measurement as stored, MessagePack-encoded (see [`crate::wire`]).
+    pub encoded: Bytes,
 }
 
 /// What became of each item of a request.
@@ -80,35 +86,41 @@ fn prepare<'a>(
     items: impl Iterator<Item = &'a Item> + Clone,
 ) -> Result<Prepared, ServiceError> {
     let received_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-    let mut by_meter: BTreeMap<(&str, &str), Vec<&Measurement>> = BTreeMap::new();
+    let mut by_meter: BTreeMap<(&str, &str), Vec<&Item>> = BTreeMap::new();
     for item in items.clone() {
         by_meter
-            .entry((item.measurement.meter.as_str(), item.meter_id.as_str()))
+            .entry((item.meter.code.as_str(), item.meter.id.as_str()))
             .or_default()
-            .push(&item.measurement);
+            .push(item);
     }
     let mut groups = Vec::new();
     for ((meter, meter_id), ms) in by_meter {
         for chunk in ms.chunks(MESSAGE_MEASUREMENTS) {
-            let group = GroupRef {
-                org_id: org,
+            let size: usize = chunk.iter().map(|i| i.encoded.len()).sum();
+            let mut payload = Vec::with_capacity(size + 256);
+            wire::encode_group_head(
+                &mut payload,
+                org,
                 meter,
                 meter_id,
-                received_at: &received_at,
-                measurements: chunk,
-            };
+                &received_at,
+                chunk.len(),
+            );
+            for item in chunk {
+                payload.extend_from_slice(&item.encoded);
+            }
             let mut headers = Codec::MsgPack.headers();
             headers.insert("Meterline-Count", chunk.len().to_string().as_str());
             groups.push(Outgoing {
                 subject: usage_subject(org, meter),
                 headers,
-                payload: Bytes::from(Codec::MsgPack.encode(&group)?),
+                payload: Bytes::from(payload),
             });
         }
     }
     let uids: Vec<&str> = items
-        .filter(|i| !i.measurement.generated_uid)
-        .map(|i| i.measurement.uid.as_str())
+        .filter(|i| !i.generated_uid)
+        .map(|i| i.uid.as_str())
         .collect();
     let fps = uids.iter().map(|u| fingerprint(org, u)).collect();
     let marker = MarkerRef {
@@ -121,17 +133,6 @@ fn prepare<'a>(
         marker: Bytes::from(Codec::MsgPack.encode(&marker)?),
         fps,
     })
-}
-
-/// [`MeasurementGroup`] by reference, encoded without cloning.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct GroupRef<'a> {
-    org_id: &'a str,
-    meter: &'a str,
-    meter_id: &'a str,
-    received_at: &'a str,
-    measurements: &'a [&'a Measurement],
 }
 
 /// [`Marker`] by reference.
@@ -268,7 +269,7 @@ async fn commit_group(
         // request in this group.
         let mut outcomes = vec![Outcome::default(); requests.len()];
         let mut fresh: Vec<Vec<usize>> = vec![Vec::new(); requests.len()];
-        let mut in_group: HashSet<&str> = HashSet::new();
+        let mut in_group: HashSet<&str, foldhash::fast::RandomState> = HashSet::default();
         let mut to_check: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
         for (r, p) in requests.iter().enumerate() {
             let mut candidates = inner
@@ -276,13 +277,12 @@ async fn commit_group(
                 .candidates(org, &p.prepared.fps, day)
                 .into_iter();
             for (i, item) in p.items.iter().enumerate() {
-                let m = &item.measurement;
-                if m.generated_uid {
+                if item.generated_uid {
                     fresh[r].push(i);
                     continue;
                 }
                 let candidate = candidates.next().flatten();
-                if !in_group.insert(m.uid.as_str()) {
+                if !in_group.insert(item.uid.as_str()) {
                     outcomes[r].duplicates.push(item.index);
                 } else if let Some(c) = candidate {
                     to_check.entry(c.marker_seq).or_default().push((r, i));
@@ -295,7 +295,7 @@ async fn commit_group(
             let uids = marker_uids(&inner.stream, org, seq).await?;
             for (r, i) in refs {
                 let item = &requests[r].items[i];
-                if uids.contains(&item.measurement.uid) {
+                if uids.contains(&item.uid) {
                     outcomes[r].duplicates.push(item.index);
                 } else {
                     // A fingerprint collision: the uid is new.

@@ -19,8 +19,9 @@ pub mod meters;
 pub mod model;
 pub mod uids;
 pub mod uploads;
+pub mod wire;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,17 +116,19 @@ impl Ingest {
         &self.index
     }
 
+    /// The meter `code` names; `known` holds those of this request so far
+    /// (a request names few meters: a list beats a map).
     fn meter(
         &self,
         org: &str,
         code: &str,
-        known: &mut HashMap<String, Option<Arc<Meter>>>,
+        known: &mut Vec<(String, Option<Arc<Meter>>)>,
     ) -> Option<Arc<Meter>> {
-        if let Some(m) = known.get(code) {
+        if let Some((_, m)) = known.iter().find(|(c, _)| c == code) {
             return m.clone();
         }
         let m = self.meters.get(org, code);
-        known.insert(code.to_owned(), m.clone());
+        known.push((code.to_owned(), m.clone()));
         m
     }
 
@@ -152,64 +155,85 @@ impl Ingest {
                 format!("a measurements request may be at most {MAX_BODY_BYTES} bytes"),
             ));
         }
-        let req: SubmitRequest = serde_json::from_slice(body)
-            .map_err(|e| bad(format!("the body must be {{\"measurements\": [...]}}: {e}")))?;
+        let req: SubmitRequest = serde_json::from_slice(body).map_err(|e| {
+            use serde_json::error::Category;
+            if body.iter().all(u8::is_ascii_whitespace) {
+                bad("request body is empty; expected {\"measurements\": [...]}")
+            } else if matches!(e.classify(), Category::Syntax | Category::Eof) {
+                bad(format!("malformed JSON: {e}"))
+            } else {
+                bad(format!("the body must be {{\"measurements\": [...]}}: {e}"))
+            }
+        })?;
         let n = req.measurements.len();
         if n == 0 || n > MAX_BATCH {
             return Err(bad(format!(
                 "measurements must hold 1 to {MAX_BATCH} measurements, not {n}"
             )));
         }
-        let mut items = Vec::with_capacity(n);
+        let mut valid: Vec<(usize, meters::Valid)> = Vec::with_capacity(n);
         let mut failures: Vec<(usize, Failure)> = Vec::new();
+        // Every valid measurement's MessagePack encoding, one after another.
+        let mut encoded: Vec<u8> = Vec::with_capacity(body.len());
         // Meters looked up once per request; an unknown one once more after
         // catching up with meters written moments ago.
-        let mut known: HashMap<String, Option<Arc<Meter>>> = HashMap::new();
+        let mut known: Vec<(String, Option<Arc<Meter>>)> = Vec::new();
         let mut caught_up = false;
         for (index, raw) in req.measurements.iter().enumerate() {
-            let mut result =
-                meters::validate_raw(raw, |code| self.meter(org, code, &mut known), new_uid);
+            let mut result = meters::validate_raw(
+                raw,
+                |code| self.meter(org, code, &mut known),
+                new_uid,
+                &mut encoded,
+            );
             if matches!(&result, Err(f) if f.error_type == ErrorType::UndefinedMeter) && !caught_up
             {
                 caught_up = true;
                 self.catch_up_meters(org).await;
-                known.retain(|_, m| m.is_some());
-                result =
-                    meters::validate_raw(raw, |code| self.meter(org, code, &mut known), new_uid);
+                known.retain(|(_, m)| m.is_some());
+                result = meters::validate_raw(
+                    raw,
+                    |code| self.meter(org, code, &mut known),
+                    new_uid,
+                    &mut encoded,
+                );
             }
             match result {
-                Ok((m, meter)) => items.push(Item {
-                    index,
-                    meter_id: meter.id.clone(),
-                    measurement: m,
-                }),
+                Ok(v) => valid.push((index, v)),
                 Err(f) => failures.push((index, f)),
             }
         }
         // A uid twice in one request: the first stands, the others are
         // rejected.
-        let mut first: HashSet<&str> = HashSet::new();
-        let repeated: Vec<usize> = items
-            .iter()
-            .enumerate()
-            .filter(|(_, item)| {
-                !item.measurement.generated_uid && !first.insert(item.measurement.uid.as_str())
-            })
-            .map(|(pos, _)| pos)
-            .collect();
+        let mut first: HashSet<&str, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(valid.len(), Default::default());
+        let mut repeated = vec![false; valid.len()];
+        for (pos, (_, v)) in valid.iter().enumerate() {
+            if !v.generated_uid && !first.insert(v.uid.as_str()) {
+                repeated[pos] = true;
+            }
+        }
         drop(first);
-        for pos in repeated.into_iter().rev() {
-            let item = items.remove(pos);
-            failures.push((
-                item.index,
-                Failure {
-                    error_type: ErrorType::DuplicateUid,
-                    message: format!(
-                        "uid {:?} appears more than once in this request",
-                        item.measurement.uid
-                    ),
-                },
-            ));
+        let encoded = Bytes::from(encoded);
+        let mut items = Vec::with_capacity(valid.len());
+        for ((index, v), repeated) in valid.into_iter().zip(repeated) {
+            if repeated {
+                failures.push((
+                    index,
+                    Failure {
+                        error_type: ErrorType::DuplicateUid,
+                        message: format!("uid {:?} appears more than once in this request", v.uid),
+                    },
+                ));
+            } else {
+                items.push(Item {
+                    index,
+                    encoded: encoded.slice(v.encoded),
+                    uid: v.uid,
+                    generated_uid: v.generated_uid,
+                    meter: v.meter,
+                });
+            }
         }
         failures.sort_by_key(|(index, _)| *index);
         let outcome = self.committer.commit(org, items).await?;

@@ -14,6 +14,7 @@ use meterline_shared::schema::is_date_time;
 use meterline_shared::subjects::validate_token;
 
 use crate::model::{ErrorType, Measurement, MAX_UID_LEN};
+use crate::wire::Wire;
 
 /// The data-field categories of a meter, as measurement keys.
 pub const TEXT_CATEGORIES: [&str; 5] = ["who", "what", "where", "other", "metadata"];
@@ -137,49 +138,29 @@ pub fn meter_code(raw: &Value) -> Option<&str> {
     raw.get("meter").and_then(Value::as_str)
 }
 
-/// A well-formed measurement, read without building a JSON tree. When a
-/// measurement does not fit this shape, [`validate`] reads it again as a
-/// tree to say precisely what is wrong.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Wire<'a> {
-    #[serde(borrow, default)]
-    uid: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    meter: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    account: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    ts: std::borrow::Cow<'a, str>,
-    #[serde(borrow, default)]
-    ets: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    who: BTreeMap<String, String>,
-    #[serde(default)]
-    what: BTreeMap<String, String>,
-    #[serde(default, rename = "where")]
-    where_: BTreeMap<String, String>,
-    #[serde(default)]
-    other: BTreeMap<String, String>,
-    #[serde(default)]
-    metadata: BTreeMap<String, String>,
-    #[serde(default)]
-    measure: BTreeMap<String, f64>,
-    #[serde(default)]
-    cost: BTreeMap<String, f64>,
-    #[serde(default)]
-    income: BTreeMap<String, f64>,
+/// A valid measurement: what commit needs of it, and where its MessagePack
+/// encoding is in the buffer validation wrote it to.
+#[derive(Debug, Clone)]
+pub struct Valid {
+    pub uid: String,
+    /// The uid was generated: it takes no part in de-duplication.
+    pub generated_uid: bool,
+    pub meter: Arc<Meter>,
+    pub encoded: std::ops::Range<usize>,
 }
 
-/// Validates one measurement as sent. The common case (well-formed) is read
-/// straight into a [`Measurement`]; anything else is read as a JSON tree by
-/// [`validate`], which names the problem.
+/// Validates one measurement as sent and, if valid, appends its MessagePack
+/// encoding to `out`. The common case (well-formed) takes the fast path of
+/// [`crate::wire`]; anything else is read as a JSON tree by [`validate`],
+/// which names the problem.
 pub fn validate_raw(
     raw: &serde_json::value::RawValue,
     mut meter_of: impl FnMut(&str) -> Option<Arc<Meter>>,
     generated_uid: impl FnOnce() -> String,
-) -> Result<(Measurement, Arc<Meter>), Failure> {
-    let Ok(w) = serde_json::from_str::<Wire>(raw.get()) else {
+    out: &mut Vec<u8>,
+) -> Result<Valid, Failure> {
+    let start = out.len();
+    let Some(w) = Wire::parse(raw.get()) else {
         let value: Value = serde_json::from_str(raw.get()).map_err(|e| {
             fail(
                 ErrorType::InvalidMeasurement,
@@ -188,52 +169,65 @@ pub fn validate_raw(
         })?;
         let meter = meter_code(&value).and_then(&mut meter_of);
         let m = validate(&value, meter.as_deref(), generated_uid)?;
-        return meter
-            .map(|meter| (m, meter))
-            .ok_or_else(|| fail(ErrorType::UndefinedMeter, "meter is not defined"));
+        let meter = meter.ok_or_else(|| fail(ErrorType::UndefinedMeter, "meter is not defined"))?;
+        crate::wire::encode_measurement(&m, out)
+            .map_err(|e| fail(ErrorType::InvalidMeasurement, e.to_string()))?;
+        return Ok(Valid {
+            uid: m.uid,
+            generated_uid: m.generated_uid,
+            meter,
+            encoded: start..out.len(),
+        });
     };
-    let uid = w.uid.filter(|u| !u.is_empty());
-    if uid
+    let uid = w
+        .uid
         .as_ref()
-        .is_some_and(|u| u.chars().count() > MAX_UID_LEN)
-    {
+        .map(|u| u.0.as_ref())
+        .filter(|u| !u.is_empty());
+    if uid.is_some_and(|u| u.chars().count() > MAX_UID_LEN) {
         return Err(fail(
             ErrorType::InvalidUid,
             format!("uid is longer than {MAX_UID_LEN} characters"),
         ));
     }
-    validate_token("meter", &w.meter).map_err(|e| fail(ErrorType::UndefinedMeter, e.message))?;
-    if w.account.is_empty() || w.account.chars().count() > 80 {
+    validate_token("meter", &w.meter.0).map_err(|e| fail(ErrorType::UndefinedMeter, e.message))?;
+    check_account(&w.account.0)?;
+    check_times(&w.ts.0, w.ets.as_ref().map(|e| e.0.as_ref()))?;
+    let meter = meter_of(&w.meter.0).ok_or_else(|| {
+        fail(
+            ErrorType::UndefinedMeter,
+            format!("meter {:?} is not defined", w.meter.0),
+        )
+    })?;
+    check_fields(
+        w.field_codes(),
+        w.metadata
+            .0
+            .iter()
+            .map(|(k, v)| (k.0.as_ref(), v.0.as_ref())),
+        &meter,
+    )?;
+    let (uid, generated) = match uid {
+        Some(u) => (u.to_owned(), false),
+        None => (generated_uid(), true),
+    };
+    w.encode(&uid, generated, out);
+    Ok(Valid {
+        uid,
+        generated_uid: generated,
+        meter,
+        encoded: start..out.len(),
+    })
+}
+
+fn check_account(account: &str) -> Result<(), Failure> {
+    if account.is_empty() || account.chars().count() > 80 {
         return Err(fail(
             ErrorType::InvalidField,
             "account must be 1 to 80 characters",
         ));
     }
-    check_times(&w.ts, w.ets.as_deref())?;
-    let meter = meter_of(&w.meter).ok_or_else(|| {
-        fail(
-            ErrorType::UndefinedMeter,
-            format!("meter {:?} is not defined", w.meter),
-        )
-    })?;
-    let m = Measurement {
-        generated_uid: uid.is_none(),
-        uid: uid.map_or_else(generated_uid, |u| u.into_owned()),
-        meter: w.meter.into_owned(),
-        account: w.account.into_owned(),
-        ts: w.ts.into_owned(),
-        ets: w.ets.map(|e| e.into_owned()),
-        who: w.who,
-        what: w.what,
-        where_: w.where_,
-        other: w.other,
-        metadata: w.metadata,
-        measure: w.measure,
-        cost: w.cost,
-        income: w.income,
-    };
-    check_fields(&m, &meter)?;
-    Ok((m, meter))
+    Ok(())
 }
 
 fn check_times(ts: &str, ets: Option<&str>) -> Result<(), Failure> {
@@ -262,39 +256,24 @@ fn check_times(ts: &str, ets: Option<&str>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Every data field of a measurement is a field of its meter, in its
-/// category, and no code is used in two categories.
-fn check_fields(m: &Measurement, meter: &Meter) -> Result<(), Failure> {
-    let text: [(&str, &BTreeMap<String, String>); 5] = [
-        ("who", &m.who),
-        ("what", &m.what),
-        ("where", &m.where_),
-        ("other", &m.other),
-        ("metadata", &m.metadata),
-    ];
-    let numbers: [(&str, &BTreeMap<String, f64>); 3] = [
-        ("measure", &m.measure),
-        ("cost", &m.cost),
-        ("income", &m.income),
-    ];
-    let codes = text
-        .iter()
-        .flat_map(|(c, map)| map.keys().map(move |k| (*c, k)))
-        .chain(
-            numbers
-                .iter()
-                .flat_map(|(c, map)| map.keys().map(move |k| (*c, k))),
-        );
+/// Every data field of a measurement (`codes`: category and code) is a
+/// field of its meter, in its category, no code is used in two categories,
+/// and no `metadata` value is longer than 256 characters.
+fn check_fields<'s>(
+    codes: impl Iterator<Item = (&'static str, &'s str)> + Clone,
+    mut metadata: impl Iterator<Item = (&'s str, &'s str)>,
+    meter: &Meter,
+) -> Result<(), Failure> {
     // Meters have at most 30 fields: a list beats a map here.
     let mut seen: Vec<(&str, &str)> = Vec::new();
     for (cat, code) in codes.clone() {
-        if let Some((_, other)) = seen.iter().find(|(c, _)| *c == code.as_str()) {
+        if let Some((_, other)) = seen.iter().find(|(c, _)| *c == code) {
             return Err(fail(
                 ErrorType::DuplicateField,
                 format!("field {code:?} is given in both {other} and {cat}"),
             ));
         }
-        seen.push((code.as_str(), cat));
+        seen.push((code, cat));
     }
     for (cat, code) in codes {
         match meter.fields.get(code) {
@@ -316,13 +295,36 @@ fn check_fields(m: &Measurement, meter: &Meter) -> Result<(), Failure> {
             }
         }
     }
-    if let Some((code, _)) = m.metadata.iter().find(|(_, v)| v.chars().count() > 256) {
+    if let Some((code, _)) = metadata.find(|(_, v)| v.chars().count() > 256) {
         return Err(fail(
             ErrorType::InvalidField,
             format!("metadata.{code} is longer than 256 characters"),
         ));
     }
     Ok(())
+}
+
+/// The (category, code) of every data field of a measurement.
+fn measurement_codes(m: &Measurement) -> impl Iterator<Item = (&'static str, &str)> + Clone {
+    let text: [(&'static str, &BTreeMap<String, String>); 5] = [
+        ("who", &m.who),
+        ("what", &m.what),
+        ("where", &m.where_),
+        ("other", &m.other),
+        ("metadata", &m.metadata),
+    ];
+    let numbers: [(&'static str, &BTreeMap<String, f64>); 3] = [
+        ("measure", &m.measure),
+        ("cost", &m.cost),
+        ("income", &m.income),
+    ];
+    text.into_iter()
+        .flat_map(|(c, map)| map.keys().map(move |k| (c, k.as_str())))
+        .chain(
+            numbers
+                .into_iter()
+                .flat_map(|(c, map)| map.keys().map(move |k| (c, k.as_str()))),
+        )
 }
 
 /// Validates one measurement given as a JSON tree against its meter.
@@ -354,12 +356,7 @@ pub fn validate(
         text("account")?.ok_or_else(|| fail(ErrorType::MissingField, "account is required"))?;
     let ts = text("ts")?.ok_or_else(|| fail(ErrorType::MissingField, "ts is required"))?;
     validate_token("meter", &meter_code).map_err(|e| fail(ErrorType::UndefinedMeter, e.message))?;
-    if account.is_empty() || account.chars().count() > 80 {
-        return Err(fail(
-            ErrorType::InvalidField,
-            "account must be 1 to 80 characters",
-        ));
-    }
+    check_account(&account)?;
     let uid = match obj.get("uid") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -447,7 +444,11 @@ pub fn validate(
             }
         }
     }
-    check_fields(&m, meter)?;
+    check_fields(
+        measurement_codes(&m),
+        m.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        meter,
+    )?;
     Ok(m)
 }
 
