@@ -155,6 +155,98 @@ impl Ingest {
                 format!("a measurements request may be at most {MAX_BODY_BYTES} bytes"),
             ));
         }
+        let (items, failures, rejected) = match self.check_fast(org, body) {
+            Some(items) => (items, Vec::new(), Vec::new()),
+            None => self.check(org, body).await?,
+        };
+        let outcome = self.committer.commit(org, items).await?;
+        self.publish_failures(org, &rejected, &failures).await?;
+        metrics::counter!("meterline_ingest_measurements_total", "outcome" => "accepted")
+            .increment(outcome.accepted.len() as u64);
+        metrics::counter!("meterline_ingest_measurements_total", "outcome" => "duplicate")
+            .increment(outcome.duplicates.len() as u64);
+        metrics::counter!("meterline_ingest_measurements_total", "outcome" => "rejected")
+            .increment(failures.len() as u64);
+        Ok(SubmitReply {
+            result: "accepted".into(),
+            accepted: outcome.accepted.len(),
+            duplicates: outcome.duplicates.len(),
+            rejected: failures.len(),
+            errors: failures
+                .into_iter()
+                .zip(&rejected)
+                .map(|((index, f), raw)| Rejection {
+                    index,
+                    uid: raw.get("uid").and_then(Value::as_str).map(str::to_owned),
+                    error_type: f.error_type,
+                    message: f.message,
+                })
+                .collect(),
+        })
+    }
+
+    /// The common case in one pass over the body: every measurement is
+    /// well-formed, names a known meter, is valid and has a uid of its own
+    /// in this request. `None` when anything is off: then [`Ingest::check`]
+    /// reads the request again to find each problem.
+    fn check_fast(&self, org: &str, body: &[u8]) -> Option<Vec<Item>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Request<'a> {
+            #[serde(borrow)]
+            measurements: Vec<wire::Wire<'a>>,
+        }
+        let req: Request = serde_json::from_slice(body).ok()?;
+        let n = req.measurements.len();
+        if n == 0 || n > MAX_BATCH {
+            return None;
+        }
+        let mut encoded: Vec<u8> = Vec::with_capacity(body.len());
+        let mut known: Vec<(String, Option<Arc<Meter>>)> = Vec::new();
+        let mut valid = Vec::with_capacity(n);
+        for w in &req.measurements {
+            let v = meters::validate_wire(
+                w,
+                |code| self.meter(org, code, &mut known),
+                new_uid,
+                &mut encoded,
+            )
+            .ok()?;
+            valid.push(v);
+        }
+        let mut seen: HashSet<&str, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(n, Default::default());
+        if !valid
+            .iter()
+            .all(|v| v.generated_uid || seen.insert(v.uid.as_str()))
+        {
+            return None;
+        }
+        drop(seen);
+        let encoded = Bytes::from(encoded);
+        Some(
+            valid
+                .into_iter()
+                .enumerate()
+                .map(|(index, v)| Item {
+                    index,
+                    encoded: encoded.slice(v.encoded),
+                    uid: v.uid,
+                    generated_uid: v.generated_uid,
+                    meter: v.meter,
+                })
+                .collect(),
+        )
+    }
+
+    /// Reads a request measurement by measurement: the valid ones to store,
+    /// and each refused one with its reason and as it was sent.
+    #[allow(clippy::type_complexity)]
+    async fn check(
+        &self,
+        org: &str,
+        body: &[u8],
+    ) -> Result<(Vec<Item>, Vec<(usize, Failure)>, Vec<Value>), ServiceError> {
         let req: SubmitRequest = serde_json::from_slice(body).map_err(|e| {
             use serde_json::error::Category;
             if body.iter().all(u8::is_ascii_whitespace) {
@@ -236,8 +328,7 @@ impl Ingest {
             }
         }
         failures.sort_by_key(|(index, _)| *index);
-        let outcome = self.committer.commit(org, items).await?;
-        // Rejected measurements as sent, for their events and the reply.
+        // Refused measurements as sent, for their events and the reply.
         let rejected: Vec<Value> = failures
             .iter()
             .map(|(index, _)| {
@@ -245,29 +336,7 @@ impl Ingest {
                 serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()))
             })
             .collect();
-        self.publish_failures(org, &rejected, &failures).await?;
-        metrics::counter!("meterline_ingest_measurements_total", "outcome" => "accepted")
-            .increment(outcome.accepted.len() as u64);
-        metrics::counter!("meterline_ingest_measurements_total", "outcome" => "duplicate")
-            .increment(outcome.duplicates.len() as u64);
-        metrics::counter!("meterline_ingest_measurements_total", "outcome" => "rejected")
-            .increment(failures.len() as u64);
-        Ok(SubmitReply {
-            result: "accepted".into(),
-            accepted: outcome.accepted.len(),
-            duplicates: outcome.duplicates.len(),
-            rejected: failures.len(),
-            errors: failures
-                .into_iter()
-                .zip(&rejected)
-                .map(|((index, f), raw)| Rejection {
-                    index,
-                    uid: raw.get("uid").and_then(Value::as_str).map(str::to_owned),
-                    error_type: f.error_type,
-                    message: f.message,
-                })
-                .collect(),
-        })
+        Ok((items, failures, rejected))
     }
 
     /// One `ingest.validation.failure` event per rejected measurement, with

@@ -179,6 +179,18 @@ pub fn validate_raw(
             encoded: start..out.len(),
         });
     };
+    validate_wire(&w, meter_of, generated_uid, out)
+}
+
+/// Validates a measurement read by the fast path and appends its
+/// MessagePack encoding to `out`.
+pub fn validate_wire(
+    w: &Wire,
+    mut meter_of: impl FnMut(&str) -> Option<Arc<Meter>>,
+    generated_uid: impl FnOnce() -> String,
+    out: &mut Vec<u8>,
+) -> Result<Valid, Failure> {
+    let start = out.len();
     let uid = w
         .uid
         .as_ref()

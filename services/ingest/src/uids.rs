@@ -14,6 +14,7 @@
 //! the same replay, which also brings in other replicas' commits.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::RwLock;
 
 use tokio::sync::Notify;
@@ -33,6 +34,25 @@ pub fn fingerprint(org: &str, uid: &str) -> u64 {
     h.finish()
 }
 
+/// The hasher of fingerprint keys: a fingerprint is its own hash.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in anyway.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct MarkerRef {
     seq: u64,
@@ -46,7 +66,9 @@ struct OrgIndex {
     last_seq: u64,
     markers: Vec<MarkerRef>,
     by_seq: HashMap<u64, u32>,
-    uids: HashMap<u64, u32>,
+    /// Keyed by fingerprint: already a well-spread hash, so it is used as
+    /// its own hash.
+    uids: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
 }
 
 /// Where an earlier acceptance of a uid may be recorded.
