@@ -4,9 +4,11 @@
 //! validation of user-supplied subject tokens ([`subjects`]), the entity event
 //! envelope ([`envelope`]), the entity registry and the schemas it validates
 //! against ([`registry`], [`schema`]), codecs ([`codec`]), stream and bucket
-//! provisioning ([`provision`]), settings, telemetry, graceful shutdown, the
-//! admin HTTP port, the error-code enum ([`error`]) and, behind the `testkit`
-//! feature, helpers that start real servers for tests.
+//! provisioning ([`provision`]), the sealing of secrets at rest ([`seal`]),
+//! the export job contract between scheduler, exporter and gateway
+//! ([`exportjob`]), settings, telemetry, graceful shutdown, the admin HTTP
+//! port, the error-code enum ([`error`]) and, behind the `testkit` feature,
+//! helpers that start real servers for tests.
 //!
 //! It owns no domain logic: what an entity write means lives in
 //! `meterline-entities`, what a route means lives in `meterline-gateway`.
@@ -16,10 +18,12 @@ pub mod bus;
 pub mod codec;
 pub mod envelope;
 pub mod error;
+pub mod exportjob;
 pub mod protocol;
 pub mod provision;
 pub mod registry;
 pub mod schema;
+pub mod seal;
 pub mod serve;
 pub mod settings;
 pub mod shutdown;

@@ -301,3 +301,85 @@ pub async fn ensure_object_store(
         },
     }
 }
+
+/// `JOBS`: a work queue of export job requests on
+/// `job.export.<org>.<schedule>`. The message id is the job id, so replicas
+/// of the scheduler publishing the same slot within the hour produce one
+/// message (the scheduler also checks `export_jobs` before publishing, for
+/// slots older than that).
+pub fn jobs() -> Config {
+    Config {
+        name: crate::subjects::JOBS_STREAM.into(),
+        description: Some("Meterline export job requests".into()),
+        subjects: vec!["job.export.>".into()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        max_age: 28 * DAY,
+        duplicate_window: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+/// `EXPORTS`: the export-complete announcements downstream systems
+/// subscribe to, kept 28 days; message id = job id.
+pub fn exports() -> Config {
+    Config {
+        name: crate::subjects::EXPORTS_STREAM.into(),
+        description: Some("Meterline export-complete announcements, 28 days".into()),
+        subjects: vec!["export.complete.>".into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: 28 * DAY,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+/// KV bucket of export job records, keyed `<org>.<job>`.
+pub const EXPORT_JOBS_BUCKET: &str = "export_jobs";
+/// KV bucket of export cursors, keyed `<org>.<schedule>`.
+pub const EXPORT_CURSORS_BUCKET: &str = "export_cursors";
+/// Object store of exported files for local download (no destination).
+pub const EXPORT_FILES_BUCKET: &str = "export_files";
+
+/// `export_jobs`: job status, progress, files and error, 28 days after the
+/// last change; changed only by revision-checked updates.
+pub fn export_jobs_bucket(replicas: usize) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: EXPORT_JOBS_BUCKET.into(),
+        description: "Meterline export jobs".into(),
+        history: 1,
+        max_age: 28 * DAY,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// `export_cursors`: the last `ENTITIES` sequence each schedule's exports
+/// cover; kept until the schedule's owner deletes it, with some history for
+/// operators.
+pub fn export_cursors_bucket(replicas: usize) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: EXPORT_CURSORS_BUCKET.into(),
+        description: "Meterline export cursors (last ENTITIES sequence exported per schedule)"
+            .into(),
+        history: 10,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// `export_files`: exported files for download, kept 24 hours.
+pub fn export_files_bucket(replicas: usize) -> jetstream::object_store::Config {
+    jetstream::object_store::Config {
+        bucket: EXPORT_FILES_BUCKET.into(),
+        description: Some("Meterline exported files for download, 24 hours".into()),
+        max_age: DAY,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}

@@ -6,6 +6,8 @@
 //! | `ENTITIES` | `ent.<org>.<type>.<id>` |
 //! | `EVENTS` | `evt.<org>.<name...>`; entity events `evt.<org>.entity.<type>.<id>` |
 //! | `UPLOADS` | `upload.<org>.<job>` |
+//! | `JOBS` | `job.export.<org>.<schedule>` |
+//! | `EXPORTS` | `export.complete.<org>.<schedule>` |
 //! | requests | `svc.<service>.<org>.<...>.<op>` |
 
 use crate::error::ServiceError;
@@ -15,6 +17,20 @@ pub const EVENTS_STREAM: &str = "EVENTS";
 pub const MEASUREMENTS_STREAM: &str = "MEASUREMENTS";
 
 pub const UPLOADS_STREAM: &str = "UPLOADS";
+pub const JOBS_STREAM: &str = "JOBS";
+pub const EXPORTS_STREAM: &str = "EXPORTS";
+
+/// `job.export.<org>.<schedule>`: a request to run one export job (ad-hoc
+/// jobs use [`crate::exportjob::ADHOC`] as the schedule token).
+pub fn export_job(org: &str, schedule: &str) -> String {
+    format!("job.export.{org}.{schedule}")
+}
+
+/// `export.complete.<org>.<schedule>`: the public announcement of a
+/// delivered export.
+pub fn export_complete(org: &str, schedule: &str) -> String {
+    format!("export.complete.{org}.{schedule}")
+}
 
 /// `svc.ingest.<org>.submit`: a batch of measurements.
 pub fn ingest_submit(org: &str) -> String {

@@ -16,7 +16,7 @@ pub mod codes;
 pub mod domain;
 pub mod index;
 pub mod rules;
-pub mod seal;
+pub use meterline_shared::seal;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -88,9 +88,10 @@ pub async fn publish(
         if last {
             m.headers.insert("Nats-Batch-Commit", "1");
         }
-        if last || i == 0 {
-            // The first message is a request so a refused batch (e.g. atomic
-            // publish not enabled) fails at once; the commit returns the ack.
+        if last {
+            // Only the commit is a request: a message of the batch the
+            // server refused (atomic publish not enabled, say) abandons the
+            // batch, and the commit's reply says so.
             let reply = tokio::time::timeout(
                 timeout,
                 client.request_with_headers(m.subject, m.headers, m.payload),
@@ -101,16 +102,14 @@ pub async fn publish(
             if let Some(err) = parse_error(&reply.payload) {
                 return Err(BatchError::Refused(err));
             }
-            if last {
-                return match serde_json::from_slice::<Reply>(&reply.payload) {
-                    Ok(Reply::Ack(ack)) if ack.count == n as u64 || ack.count == 0 => Ok(ack),
-                    Ok(Reply::Ack(ack)) => Err(BatchError::Transport(format!(
-                        "ack counts {} messages, sent {n}",
-                        ack.count
-                    ))),
-                    _ => Err(BatchError::Transport("unreadable batch ack".into())),
-                };
-            }
+            return match serde_json::from_slice::<Reply>(&reply.payload) {
+                Ok(Reply::Ack(ack)) if ack.count == n as u64 || ack.count == 0 => Ok(ack),
+                Ok(Reply::Ack(ack)) => Err(BatchError::Transport(format!(
+                    "ack counts {} messages, sent {n}",
+                    ack.count
+                ))),
+                _ => Err(BatchError::Transport("unreadable batch ack".into())),
+            };
         } else {
             client
                 .publish_with_headers(m.subject, m.headers, m.payload)

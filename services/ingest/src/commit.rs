@@ -1,15 +1,17 @@
 //! Group commit: the durable, exactly-once write of accepted measurements.
 //!
-//! Each organization has one committer task per replica. It takes every
-//! request waiting for that org, decides which measurements are new (against
+//! A uid belongs to one of [`PARTITIONS`] partitions of its organization, and
+//! each (org, partition) has one committer task per replica. It takes every
+//! request part waiting for it, decides which measurements are new (against
 //! the uid index and each other), and writes them as one atomic batch: one
 //! MessagePack message per meter on `usage.<org>.<meter>` plus a commit
-//! marker on `uidx.<org>` listing the accepted uids. The marker carries
-//! `Nats-Expected-Last-Subject-Sequence` = the last marker this replica has
-//! seen for the org, so if another replica committed in between, the batch
-//! is refused as a whole; the committer then catches up with the newer
-//! markers and decides again. Nothing is acknowledged to a caller before the
-//! batch's ack, and a crash before the ack leaves nothing stored.
+//! marker on `uidx.<org>.<partition>` listing the accepted uids. The marker
+//! carries `Nats-Expected-Last-Subject-Sequence` = the last marker this
+//! replica has seen for the partition, so if another replica committed in
+//! between, the batch is refused as a whole; the committer then catches up
+//! with the newer markers and decides again. Nothing is acknowledged to a
+//! caller before every part's ack, and a crash before an ack leaves that
+//! part unstored.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -45,9 +47,32 @@ pub fn usage_subject(org: &str, meter: &str) -> String {
     format!("usage.{org}.{meter}")
 }
 
-/// `uidx.<org>`.
-pub fn marker_subject(org: &str) -> String {
-    format!("uidx.{org}")
+/// Uid partitions of an organization. A uid belongs to one partition, by a
+/// hash that is the same in every build, so every replica checks it against
+/// the same commit markers; each partition commits on its own, so one org's
+/// requests are written by several commits at once. Every replica must use
+/// the same number.
+pub const PARTITIONS: usize = 4;
+
+/// The partition of a uid (FNV-1a: fixed, unlike the standard hasher).
+pub fn partition(uid: &str) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in uid.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % PARTITIONS as u64) as usize
+}
+
+/// `uidx.<org>.<partition>`.
+pub fn marker_subject(org: &str, partition: usize) -> String {
+    format!("uidx.{org}.{partition}")
+}
+
+/// The uid index's key for one partition: the marker subject without
+/// `uidx.`.
+pub fn index_key(org: &str, partition: usize) -> String {
+    format!("{org}.{partition}")
 }
 
 /// A valid measurement waiting to be committed.
@@ -158,7 +183,7 @@ struct Inner {
     client: async_nats::Client,
     stream: jetstream::stream::Stream,
     index: Arc<UidIndex>,
-    workers: Mutex<HashMap<String, mpsc::Sender<Pending>>>,
+    workers: Mutex<HashMap<(String, usize), mpsc::Sender<Pending>>>,
 }
 
 impl Committer {
@@ -178,20 +203,56 @@ impl Committer {
     }
 
     /// Commits `items` for `org`; returns which were accepted and which were
-    /// duplicates of uids accepted before.
+    /// duplicates of uids accepted before. The items are split by uid
+    /// partition and each part is committed atomically by its partition's
+    /// committer; the reply waits for every part. If a part fails, the
+    /// others may be stored: a retry of the request stores the rest, and the
+    /// uids keep it exact.
     pub async fn commit(&self, org: &str, items: Vec<Item>) -> Result<Outcome, ServiceError> {
-        if items.is_empty() {
-            return Ok(Outcome::default());
+        let mut parts: Vec<Vec<Item>> = (0..PARTITIONS).map(|_| Vec::new()).collect();
+        let mut spread = 0;
+        for item in items {
+            let p = if item.generated_uid {
+                // No uid to de-duplicate: any partition will do.
+                spread = (spread + 1) % PARTITIONS;
+                spread
+            } else {
+                partition(&item.uid)
+            };
+            parts[p].push(item);
         }
+        let results = futures::future::join_all(
+            parts
+                .into_iter()
+                .enumerate()
+                .filter(|(_, items)| !items.is_empty())
+                .map(|(p, items)| self.commit_part(org, p, items)),
+        )
+        .await;
+        let mut outcome = Outcome::default();
+        for r in results {
+            let r = r?;
+            outcome.accepted.extend(r.accepted);
+            outcome.duplicates.extend(r.duplicates);
+        }
+        Ok(outcome)
+    }
+
+    async fn commit_part(
+        &self,
+        org: &str,
+        partition: usize,
+        items: Vec<Item>,
+    ) -> Result<Outcome, ServiceError> {
         let prepared = prepare(org, items.iter())?;
         let (reply, rx) = oneshot::channel();
         let tx = {
             let mut workers = self.inner.workers.lock().unwrap_or_else(|e| e.into_inner());
             workers
-                .entry(org.to_owned())
+                .entry((org.to_owned(), partition))
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(1024);
-                    tokio::spawn(worker(self.inner.clone(), org.to_owned(), rx));
+                    tokio::spawn(worker(self.inner.clone(), org.to_owned(), partition, rx));
                     tx
                 })
                 .clone()
@@ -208,7 +269,7 @@ impl Committer {
     }
 }
 
-async fn worker(inner: Arc<Inner>, org: String, mut rx: mpsc::Receiver<Pending>) {
+async fn worker(inner: Arc<Inner>, org: String, partition: usize, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut count = first.items.len();
         let mut messages = first.prepared.groups.len() + 1;
@@ -223,7 +284,7 @@ async fn worker(inner: Arc<Inner>, org: String, mut rx: mpsc::Receiver<Pending>)
                 Err(_) => break,
             }
         }
-        let result = commit_group(&inner, &org, &group).await;
+        let result = commit_group(&inner, &org, partition, &group).await;
         metrics::counter!("meterline_ingest_commits_total").increment(1);
         for (i, p) in group.into_iter().enumerate() {
             let _ = p
@@ -241,13 +302,14 @@ fn today() -> u32 {
 async fn marker_uids(
     stream: &jetstream::stream::Stream,
     org: &str,
+    partition: usize,
     seq: u64,
 ) -> Result<HashSet<String>, ServiceError> {
     let m = stream
         .direct_get(seq)
         .await
         .map_err(|e| ServiceError::unavailable(format!("reading uid marker #{seq} failed: {e}")))?;
-    if m.subject.as_str() != marker_subject(org) {
+    if m.subject.as_str() != marker_subject(org, partition) {
         return Err(ServiceError::internal(format!(
             "#{seq} is {}, not a uid marker of {org}",
             m.subject
@@ -260,10 +322,12 @@ async fn marker_uids(
 async fn commit_group(
     inner: &Inner,
     org: &str,
+    partition: usize,
     requests: &[Pending],
 ) -> Result<Vec<Outcome>, ServiceError> {
+    let key = index_key(org, partition);
     for _ in 0..ATTEMPTS {
-        let expected = inner.index.last_seq(org);
+        let expected = inner.index.last_seq(&key);
         let day = today();
         // Decide: new, or a duplicate of an earlier commit or of an earlier
         // request in this group.
@@ -274,7 +338,7 @@ async fn commit_group(
         for (r, p) in requests.iter().enumerate() {
             let mut candidates = inner
                 .index
-                .candidates(org, &p.prepared.fps, day)
+                .candidates(&key, &p.prepared.fps, day)
                 .into_iter();
             for (i, item) in p.items.iter().enumerate() {
                 if item.generated_uid {
@@ -292,7 +356,7 @@ async fn commit_group(
             }
         }
         for (seq, refs) in to_check {
-            let uids = marker_uids(&inner.stream, org, seq).await?;
+            let uids = marker_uids(&inner.stream, org, partition, seq).await?;
             for (r, i) in refs {
                 let item = &requests[r].items[i];
                 if uids.contains(&item.uid) {
@@ -339,7 +403,7 @@ async fn commit_group(
                 );
             }
             messages.push(Outgoing {
-                subject: marker_subject(org),
+                subject: marker_subject(org, partition),
                 headers,
                 payload: payload.clone(),
             });
@@ -350,7 +414,7 @@ async fn commit_group(
                 // last sequences.
                 let first = ack.sequence + 1 - marker_count;
                 for (k, (_, fps)) in markers.into_iter().enumerate() {
-                    inner.index.apply(org, first + k as u64, day, fps);
+                    inner.index.apply(&key, first + k as u64, day, fps);
                 }
                 for (r, p) in requests.iter().enumerate() {
                     outcomes[r]
@@ -363,7 +427,7 @@ async fn commit_group(
                 // Another replica committed for this org: catch up, decide again.
                 let latest = match inner
                     .stream
-                    .direct_get_last_for_subject(marker_subject(org))
+                    .direct_get_last_for_subject(marker_subject(org, partition))
                     .await
                 {
                     Ok(m) => m.sequence,
@@ -374,7 +438,7 @@ async fn commit_group(
                         )))
                     }
                 };
-                tokio::time::timeout(CATCH_UP_TIMEOUT, inner.index.wait_for(org, latest))
+                tokio::time::timeout(CATCH_UP_TIMEOUT, inner.index.wait_for(&key, latest))
                     .await
                     .map_err(|_| {
                         ServiceError::unavailable(

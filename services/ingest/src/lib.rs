@@ -516,12 +516,12 @@ impl App {
             let stream = js.get_stream(subjects::MEASUREMENTS_STREAM).await?;
             tokio::spawn(async move {
                 // Ready once every marker that existed at start is applied.
-                let org_of = |subject: &str| subject.strip_prefix("uidx.").map(str::to_owned);
+                let key_of = |subject: &str| subject.strip_prefix("uidx.").map(str::to_owned);
                 if let Ok(m) = stream.direct_get_last_for_subject("uidx.>").await {
-                    if let Some(org) = org_of(&m.subject) {
+                    if let Some(key) = key_of(&m.subject) {
                         tokio::select! {
                             _ = stop.cancelled() => return,
-                            _ = index.wait_for(&org, m.sequence) => {}
+                            _ = index.wait_for(&key, m.sequence) => {}
                         }
                     }
                 }
@@ -617,16 +617,20 @@ async fn replay_markers(
     shutdown: CancellationToken,
 ) {
     follow(stream, "uidx.>", shutdown, move |seq, payload, subject| {
-        let Some(org) = subject.strip_prefix("uidx.") else {
+        // `uidx.<org>.<partition>`: the index key is `<org>.<partition>`.
+        let Some(key) = subject.strip_prefix("uidx.") else {
+            return;
+        };
+        let Some((org, _)) = key.rsplit_once('.') else {
             return;
         };
         // This replica's own commits are applied when acknowledged; their
         // markers coming back need no decoding.
-        if index.has_marker(org, seq) {
+        if index.has_marker(key, seq) {
             return;
         }
         match rmp_serde::from_slice::<Marker>(payload) {
-            Ok(m) => index.apply(org, seq, m.day, m.uids.iter().map(|u| fingerprint(org, u))),
+            Ok(m) => index.apply(key, seq, m.day, m.uids.iter().map(|u| fingerprint(org, u))),
             Err(e) => tracing::warn!(seq, error = %e, "skipping undecodable uid marker"),
         }
     })

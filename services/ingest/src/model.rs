@@ -68,7 +68,7 @@ pub struct MeasurementGroup {
     pub measurements: Vec<Measurement>,
 }
 
-/// The commit marker of one atomic write, on `uidx.<org>`: the uids it
+/// The commit marker of one atomic write, on `uidx.<org>.<partition>`: the uids it
 /// accepted. Replaying markers rebuilds the uid index; a marker is also where
 /// a fingerprint match is checked against the real uid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
 //! The exact uid index: which uids each organization had accepted in the
 //! last 35 days.
 //!
-//! Per organization it keeps a map from a 64-bit fingerprint of the uid to
+//! Per uid partition of an organization (keyed `<org>.<partition>`, see
+//! `commit`) it keeps a map from a 64-bit fingerprint of the uid to
 //! the commit marker that accepted it (a `u32` index into the org's marker
 //! table). A fingerprint match is never trusted on its own: the marker, which
 //! holds the real uids, is read from the stream and the uid looked up in it,
@@ -61,7 +62,7 @@ struct MarkerRef {
 
 #[derive(Default)]
 struct OrgIndex {
-    /// The last `uidx.<org>` sequence: the expected last subject sequence of
+    /// The last `uidx.<org>.<partition>` sequence: the expected last subject sequence of
     /// the next commit.
     last_seq: u64,
     markers: Vec<MarkerRef>,

@@ -387,7 +387,7 @@ async fn nothing_acknowledged_is_lost_when_ingest_or_the_server_crashes() {
         let js = jetstream::new(client.clone());
         async move {
             let s = js.get_stream(subjects::MEASUREMENTS_STREAM).await.ok()?;
-            s.direct_get_last_for_subject(format!("uidx.{ORG}"))
+            s.direct_get_last_for_subject(format!("uidx.{ORG}.>"))
                 .await
                 .ok()
                 .map(|_| ())

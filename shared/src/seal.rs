@@ -14,7 +14,7 @@ use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use serde_json::Value;
 
-use meterline_shared::ServiceError;
+use crate::ServiceError;
 
 pub const PREFIX: &str = "sealed:v1:";
 /// What reads show in place of a secret.
