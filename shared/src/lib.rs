@@ -6,7 +6,7 @@
 //! against ([`registry`], [`schema`]), codecs ([`codec`]), stream and bucket
 //! provisioning ([`provision`]), the sealing of secrets at rest ([`seal`]),
 //! the export job contract between scheduler, exporter and gateway
-//! ([`exportjob`]), settings, telemetry, graceful shutdown, the admin HTTP
+//! ([`exportjob`]), where webhooks may connect ([`egress`]), settings, telemetry, graceful shutdown, the admin HTTP
 //! port, the error-code enum ([`error`]) and, behind the `testkit` feature,
 //! helpers that start real servers for tests.
 //!
@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod bus;
 pub mod codec;
+pub mod egress;
 pub mod envelope;
 pub mod error;
 pub mod exportjob;
