@@ -202,7 +202,7 @@ impl App {
         let dead_letters = js.get_stream(subjects::DEAD_LETTERS_STREAM).await?;
         let events_consumer = fire::consumer(&events).await?;
         let deliveries_consumer =
-            deliver::consumer(&deliveries, request_timeout + Duration::from_secs(30)).await?;
+            deliver::consumer(&deliveries, request_timeout + Duration::from_secs(5)).await?;
         let notifier = Notifier {
             client: client.clone(),
             js,
