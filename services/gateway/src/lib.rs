@@ -29,6 +29,7 @@
 //! | POST | `/organizations/{orgId}/fileuploads/measurements/generateUploadUrl` | `svc.ingest.<org>.upload.create` |
 //! | GET | `/organizations/{orgId}/fileuploads/measurements/jobs[/{id}[/original]]` | `svc.ingest.<org>.upload.list` / `.get` |
 //! | PUT, GET | `/uploads/measurements/{jobId}` (signed URL, no token) | `.upload.start`, object store `upload_files`, `UPLOADS` |
+//! | GET, POST, PUT | events, `notifications/evaluate`, webhook `active`, dead letters ([`notifications`]) | `svc.notifier.<org>.<op>` |
 //! | GET | `/openapi.json`, `/docs/openapi.json`, `/healthz` | — |
 
 pub mod auth;
@@ -36,6 +37,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod measurements;
+pub mod notifications;
 pub mod ratelimit;
 pub mod routes;
 pub mod uploads;
@@ -317,6 +319,7 @@ pub fn router(state: AppState) -> Router {
     let organizations = config
         .merge(measurements)
         .merge(file_uploads)
+        .merge(notifications::routes(&state))
         .route_layer(from_fn_with_state(state.clone(), auth::require_bearer));
     let public = Router::new()
         .route("/oauth/token", post(auth::issue_token))
