@@ -10,6 +10,9 @@
 //!   batches with de-duplication on, over the NATS request path and through
 //!   the gateway over HTTP, beside raw JetStream publishes of the same bytes
 //!   in the same grouping; p99 request latency; memory per remembered uid.
+//! - Notifications ([`notifier`]): event-to-webhook latency at a steady
+//!   1000 events per second with 100 rules, and deliveries per second to a
+//!   local receiver, beside core NATS request/reply on the same server.
 //!
 //! The machine is shared and noisy: Meterline and raw runs alternate in
 //! rounds so both see the same background load. Sizes can be set with
@@ -18,6 +21,7 @@
 
 mod entities;
 mod ingest;
+mod notifier;
 
 use std::time::{Duration, Instant};
 
@@ -149,6 +153,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("ingest") {
         rows.extend(ingest::run(&nats).await?);
+    }
+    if wanted("notifier") {
+        rows.extend(notifier::run(&nats).await?);
     }
     println!();
     println!("| figure | Meterline | raw bus | ratio |");
