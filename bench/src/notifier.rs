@@ -57,7 +57,10 @@ async fn receiver(seen: Arc<Seen>) -> anyhow::Result<SocketAddr> {
                 if let Ok(v) = serde_json::from_slice::<Value>(&body) {
                     let sent = v["event"]["new"]["sentAt"].as_u64().unwrap_or(now);
                     let lat = Duration::from_micros(now.saturating_sub(sent));
-                    seen.latencies.lock().unwrap_or_else(|e| e.into_inner()).push(lat);
+                    seen.latencies
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(lat);
                 }
                 "ok"
             }
@@ -101,7 +104,10 @@ async fn write(js: &jetstream::Context, ev: &EntityEvent) -> anyhow::Result<()> 
 }
 
 fn count(seen: &Seen) -> usize {
-    seen.latencies.lock().unwrap_or_else(|e| e.into_inner()).len()
+    seen.latencies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .len()
 }
 
 fn take(seen: &Seen) -> Vec<Duration> {
@@ -241,10 +247,14 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     for a in acks {
         a.await?;
     }
-    eventually(Duration::from_secs(300), "every queued delivery made", || {
-        let done = count(&seen) >= max_deliveries;
-        async move { done.then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(300),
+        "every queued delivery made",
+        || {
+            let done = count(&seen) >= max_deliveries;
+            async move { done.then_some(()) }
+        },
+    )
     .await;
     let burst = Figure {
         ops: max_deliveries,

@@ -544,7 +544,13 @@ impl Parser<'_> {
     }
 
     fn name(&mut self, name: String, pos: usize) -> Result<Node, ParseError> {
-        if matches!(self.peek(), Some(Token { kind: Kind::LParen, .. })) {
+        if matches!(
+            self.peek(),
+            Some(Token {
+                kind: Kind::LParen,
+                ..
+            })
+        ) {
             let Some(func) = Func::lookup(&name) else {
                 return self.fail(
                     pos,
@@ -556,7 +562,13 @@ impl Parser<'_> {
             };
             self.next();
             let mut args = Vec::new();
-            if !matches!(self.peek(), Some(Token { kind: Kind::RParen, .. })) {
+            if !matches!(
+                self.peek(),
+                Some(Token {
+                    kind: Kind::RParen,
+                    ..
+                })
+            ) {
                 loop {
                     args.push(self.expr(0)?);
                     match self.next() {
@@ -567,7 +579,8 @@ impl Parser<'_> {
                             kind: Kind::RParen, ..
                         }) => break,
                         Some(t) => {
-                            return self.fail(t.pos, format!("expected ',' or ')', found {}", t.kind))
+                            return self
+                                .fail(t.pos, format!("expected ',' or ')', found {}", t.kind))
                         }
                         None => return self.fail(self.end, "expected ')', found the end"),
                     }
@@ -613,10 +626,7 @@ impl Parser<'_> {
         };
         let path: Vec<Box<str>> = parts.map(Box::from).collect();
         if path.is_empty() {
-            return self.fail(
-                pos,
-                format!("{name:?} needs a field name: {name}.<field>"),
-            );
+            return self.fail(pos, format!("{name:?} needs a field name: {name}.<field>"));
         }
         Ok(Node::Field(side, path.into_boxed_slice()))
     }
@@ -925,7 +935,10 @@ mod tests {
         assert_eq!(val("10 % 4 - -1"), "3");
         assert_eq!(val("+5 / 2"), "2.5");
         assert_eq!(val("1e3 + .5"), "1000.5");
-        assert_eq!(val("1 < 2 AND 2 <= 2 AND 3 > 2 AND 3 >= 4 == false"), "true");
+        assert_eq!(
+            val("1 < 2 AND 2 <= 2 AND 3 > 2 AND 3 >= 4 == false"),
+            "true"
+        );
         assert_eq!(val("1 == 1 OR 1 / 0 == 1"), "true");
         assert_eq!(val("true ? 1 : 2"), "1");
         assert_eq!(val("false ? 1 : true ? 2 : 3"), "2");
@@ -950,7 +963,10 @@ mod tests {
         assert_eq!(val("isnull(new.missing, 7)"), "7");
         assert_eq!(val("isnull(3, 7)"), "3");
         assert_eq!(val("IN(\"b\", \"a\", \"b\")"), "true");
-        assert_eq!(val("IN(new.status, \"completed\", \"succeeded\") ? true : false"), "false");
+        assert_eq!(
+            val("IN(new.status, \"completed\", \"succeeded\") ? true : false"),
+            "false"
+        );
         assert_eq!(val("Math.PI > 3.14"), "true");
     }
 

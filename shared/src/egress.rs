@@ -51,7 +51,9 @@ impl Network {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
@@ -152,9 +154,7 @@ impl Egress {
             Some("http") => false,
             _ => return Err(bad("must start with http:// or https://".into())),
         };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| bad("has no host".into()))?;
+        let authority = uri.authority().ok_or_else(|| bad("has no host".into()))?;
         if authority.as_str().contains('@') {
             return Err(bad("must not carry a user name or password".into()));
         }
@@ -236,9 +236,17 @@ mod tests {
             assert!(strict.check_url(url).is_err(), "{url} accepted");
         }
         let t = strict.check_url("https://hooks.example.com/x").unwrap();
-        assert_eq!((t.https, t.host.as_str(), t.port), (true, "hooks.example.com", 443));
+        assert_eq!(
+            (t.https, t.host.as_str(), t.port),
+            (true, "hooks.example.com", 443)
+        );
         strict.check_url("http://93.184.216.34:8080/").unwrap();
-        for bad in ["ftp://x.example/", "hooks.example.com", "http://u:p@x.example/", "not a url"] {
+        for bad in [
+            "ftp://x.example/",
+            "hooks.example.com",
+            "http://u:p@x.example/",
+            "not a url",
+        ] {
             assert!(strict.check_url(bad).is_err(), "{bad} accepted");
         }
 

@@ -38,7 +38,10 @@ pub fn routes(state: &AppState) -> Router {
         .route("/organizations/{orgId}/events/types", get(event_types))
         .route("/organizations/{orgId}/events/fields", get(event_fields))
         .route("/organizations/{orgId}/events/{id}", get(get_event))
-        .route("/organizations/{orgId}/notifications/evaluate", post(evaluate))
+        .route(
+            "/organizations/{orgId}/notifications/evaluate",
+            post(evaluate),
+        )
         .route(
             "/organizations/{orgId}/integrationdestinations/webhooks/{id}/active",
             put(set_active),
@@ -58,7 +61,12 @@ pub fn routes(state: &AppState) -> Router {
         .with_state(state.clone())
 }
 
-async fn call(app: &AppState, caller: &Caller, op: &str, body: Value) -> Result<Response, ApiError> {
+async fn call(
+    app: &AppState,
+    caller: &Caller,
+    op: &str,
+    body: Value,
+) -> Result<Response, ApiError> {
     let subject = subjects::notifier_request(&caller.org_id, op);
     let actor = Some(caller.service_user_id.as_str());
     forward::request(app, subject, actor, Bytes::from(body.to_string()))
@@ -191,7 +199,13 @@ async fn set_active(
     }
     // m3ter's parameter is optional: without it the webhook is activated.
     let active = active.unwrap_or(true);
-    call(&app, &caller, ops::WEBHOOK_ACTIVE, json!({ "id": id, "active": active })).await
+    call(
+        &app,
+        &caller,
+        ops::WEBHOOK_ACTIVE,
+        json!({ "id": id, "active": active }),
+    )
+    .await
 }
 
 async fn list_dead_letters(

@@ -107,7 +107,9 @@ pub async fn dispatch(n: &Notifier, msg: &async_nats::Message) -> Result<Bytes, 
         }
         ops::EVALUATE => to_bytes(&evaluate(n, org, &req).await?),
         ops::WEBHOOK_ACTIVE => {
-            let active = req.active.ok_or_else(|| bad("active (true or false) is required"))?;
+            let active = req
+                .active
+                .ok_or_else(|| bad("active (true or false) is required"))?;
             to_bytes(&set_active(n, org, id()?, active).await?)
         }
         ops::DEAD_LETTERS_LIST => to_bytes(&list_dead_letters(n, org, &req).await?),
@@ -262,7 +264,8 @@ async fn scan(
     limit: usize,
     keep: impl Fn(&[u8]) -> bool,
 ) -> Result<(Vec<(u64, Bytes)>, Option<u64>), ServiceError> {
-    let unavailable = |e: String| ServiceError::unavailable(format!("reading the stream failed: {e}"));
+    let unavailable =
+        |e: String| ServiceError::unavailable(format!("reading the stream failed: {e}"));
     let mut consumer = stream
         .create_consumer(push::OrderedConfig {
             deliver_subject: format!("_INBOX.notifier-scan.{}", uuid::Uuid::new_v4().simple()),
@@ -312,9 +315,7 @@ async fn scan(
 
 fn matches_account(v: &Value, account: &str) -> bool {
     let has = |x: Option<&Value>| {
-        x.and_then(|x| x.get("accountId"))
-            .and_then(Value::as_str)
-            == Some(account)
+        x.and_then(|x| x.get("accountId")).and_then(Value::as_str) == Some(account)
     };
     has(Some(v)) || has(v.get("new")) || has(v.get("old"))
 }
@@ -348,7 +349,10 @@ pub async fn list_events(n: &Notifier, org: &str, req: &Request) -> Result<Value
                     req.resource_id.as_deref().unwrap_or("*")
                 ),
                 None => {
-                    if name.split('.').any(|p| validate_token("eventName", p).is_err()) {
+                    if name
+                        .split('.')
+                        .any(|p| validate_token("eventName", p).is_err())
+                    {
                         return Err(bad(format!("eventName {name:?} is not an event name")));
                     }
                     subjects::event(org, name)
@@ -372,7 +376,10 @@ pub async fn list_events(n: &Notifier, org: &str, req: &Request) -> Result<Value
         let Ok(v) = serde_json::from_slice::<Value>(payload) else {
             return false;
         };
-        let name = v.get("eventName").and_then(Value::as_str).unwrap_or_default();
+        let name = v
+            .get("eventName")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         event_name.as_deref().is_none_or(|n| n == name)
             && event_type
                 .as_deref()
@@ -398,11 +405,17 @@ pub async fn evaluate(n: &Notifier, org: &str, req: &Request) -> Result<Value, S
     let event = match (&req.event_id, &req.event_name) {
         (Some(id), _) => load_event(n, org, id).await?.1,
         (None, Some(name)) => json!({ "eventName": name, "new": null, "old": null }),
-        (None, None) => return Err(bad("give eventId (an event to evaluate against) or eventName")),
+        (None, None) => {
+            return Err(bad(
+                "give eventId (an event to evaluate against) or eventName",
+            ))
+        }
     };
     let calc = match meterline_calc::Calculation::parse(text) {
         Ok(c) => c,
-        Err(e) => return Ok(json!({ "success": false, "errorMessage": format!("calculation: {e}") })),
+        Err(e) => {
+            return Ok(json!({ "success": false, "errorMessage": format!("calculation: {e}") }))
+        }
     };
     Ok(match calc.eval(&event) {
         Ok(b) => json!({ "success": b }),
@@ -431,7 +444,12 @@ async fn entities_call(
 
 /// Sets a webhook's `active` through the entities service (a versioned
 /// update, retried if someone else wrote in between).
-pub async fn set_active(n: &Notifier, org: &str, id: &str, active: bool) -> Result<Value, ServiceError> {
+pub async fn set_active(
+    n: &Notifier,
+    org: &str,
+    id: &str,
+    active: bool,
+) -> Result<Value, ServiceError> {
     for _ in 0..5 {
         let get = EntityRequest {
             id: Some(id.to_owned()),
@@ -452,10 +470,16 @@ pub async fn set_active(n: &Notifier, org: &str, id: &str, active: bool) -> Resu
             other => return other,
         }
     }
-    Err(ServiceError::conflict("the webhook keeps changing; try again"))
+    Err(ServiceError::conflict(
+        "the webhook keeps changing; try again",
+    ))
 }
 
-pub async fn list_dead_letters(n: &Notifier, org: &str, req: &Request) -> Result<Value, ServiceError> {
+pub async fn list_dead_letters(
+    n: &Notifier,
+    org: &str,
+    req: &Request,
+) -> Result<Value, ServiceError> {
     let limit = page_size(req)?;
     let (found, next) = scan(
         &n.dead_letters,
@@ -485,9 +509,13 @@ pub async fn replay(n: &Notifier, org: &str, id: &str) -> Result<Value, ServiceE
         .await
         .map_err(|_| ServiceError::not_found(format!("no dead letter {id:?}")))?;
     let letter: Value = serde_json::from_slice(&msg.payload).map_err(ServiceError::internal)?;
-    let delivery: Delivery = serde_json::from_value(letter["delivery"].clone()).map_err(ServiceError::internal)?;
-    n.enqueue(std::slice::from_ref(&delivery), &format!(".replay.{}", msg.sequence))
-        .await?;
+    let delivery: Delivery =
+        serde_json::from_value(letter["delivery"].clone()).map_err(ServiceError::internal)?;
+    n.enqueue(
+        std::slice::from_ref(&delivery),
+        &format!(".replay.{}", msg.sequence),
+    )
+    .await?;
     n.dead_letters
         .delete_message(msg.sequence)
         .await

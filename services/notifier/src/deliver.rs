@@ -48,7 +48,10 @@ pub enum Outcome {
     /// `410 Gone`: the webhook is deactivated and the delivery dead-lettered.
     Gone,
     /// Cannot succeed by retrying (refused address, no secret...).
-    Fail { reason: String, error_type: &'static str },
+    Fail {
+        reason: String,
+        error_type: &'static str,
+    },
 }
 
 /// Parses a retry schedule such as `5s,5m,30m,2h,5h,10h,10h` (units `ms`,
@@ -78,7 +81,11 @@ pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {
 
 /// `Retry-After` as seconds or an HTTP date.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
@@ -172,7 +179,10 @@ impl Notifier {
                 }
             }
             Err(e) if e.is_timeout() => Outcome::Retry {
-                reason: format!("the webhook did not answer within {:?}", self.request_timeout),
+                reason: format!(
+                    "the webhook did not answer within {:?}",
+                    self.request_timeout
+                ),
                 after: None,
             },
             Err(e) => Outcome::Retry {
@@ -199,7 +209,8 @@ impl Notifier {
         let (org, webhook, id) = (&d.org_id, &d.webhook_id, &d.id);
         let result: Result<(), String> = match outcome {
             Outcome::Delivered(status) => {
-                metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "delivered").increment(1);
+                metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "delivered")
+                    .increment(1);
                 tracing::debug!(org, webhook, id, attempt, status, "delivered");
                 msg.double_ack().await.map_err(|e| e.to_string())
             }
@@ -207,25 +218,39 @@ impl Notifier {
                 let delay = after
                     .map(|a| a.min(self.max_retry_after))
                     .unwrap_or(self.schedule[attempt - 1]);
-                metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "retried").increment(1);
+                metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "retried")
+                    .increment(1);
                 tracing::info!(org, webhook, id, attempt, retry_in = ?delay, %reason, "delivery failed; will retry");
                 msg.ack_with(AckKind::Nak(Some(delay)))
                     .await
                     .map_err(|e| e.to_string())
             }
             Outcome::Retry { reason, .. } => {
-                self.dead_letter(msg, &d, attempt, &format!("{reason} (after {attempt} attempts)"), "perform")
-                    .await
+                self.dead_letter(
+                    msg,
+                    &d,
+                    attempt,
+                    &format!("{reason} (after {attempt} attempts)"),
+                    "perform",
+                )
+                .await
             }
             Outcome::Gone => {
                 if let Err(e) = crate::api::set_active(self, org, webhook, false).await {
                     tracing::warn!(org, webhook, error = %e.message, "deactivating a gone webhook failed");
                 }
-                self.dead_letter(msg, &d, attempt, "the webhook answered 410 Gone; it is now inactive", "disabled")
-                    .await
+                self.dead_letter(
+                    msg,
+                    &d,
+                    attempt,
+                    "the webhook answered 410 Gone; it is now inactive",
+                    "disabled",
+                )
+                .await
             }
             Outcome::Fail { reason, error_type } => {
-                self.dead_letter(msg, &d, attempt, &reason, error_type).await
+                self.dead_letter(msg, &d, attempt, &reason, error_type)
+                    .await
             }
         };
         if let Err(e) = result {
@@ -406,7 +431,10 @@ mod tests {
         assert_eq!(s[0], Duration::from_secs(5));
         let total: Duration = s.iter().sum();
         assert!(total > Duration::from_secs(20 * 3600) && total < Duration::from_secs(36 * 3600));
-        assert_eq!(parse_schedule("100ms, 1d").unwrap()[1], Duration::from_secs(86_400));
+        assert_eq!(
+            parse_schedule("100ms, 1d").unwrap()[1],
+            Duration::from_secs(86_400)
+        );
         assert!(parse_schedule("5").is_err());
         assert!(parse_schedule("5y").is_err());
     }

@@ -125,7 +125,11 @@ impl Notifier {
     }
 
     /// Stores deliveries on `DELIVERIES` and waits for every acknowledgement.
-    pub async fn enqueue(&self, deliveries: &[Delivery], msg_suffix: &str) -> Result<(), ServiceError> {
+    pub async fn enqueue(
+        &self,
+        deliveries: &[Delivery],
+        msg_suffix: &str,
+    ) -> Result<(), ServiceError> {
         let mut acks = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             let mut headers = Codec::Json.headers();
@@ -138,12 +142,15 @@ impl Notifier {
                 .js
                 .send_publish(subjects::delivery(&d.org_id, &d.webhook_id), publish)
                 .await
-                .map_err(|e| ServiceError::unavailable(format!("queueing a delivery failed: {e}")))?;
+                .map_err(|e| {
+                    ServiceError::unavailable(format!("queueing a delivery failed: {e}"))
+                })?;
             acks.push(ack);
         }
         for ack in acks {
-            ack.await
-                .map_err(|e| ServiceError::unavailable(format!("queueing a delivery failed: {e}")))?;
+            ack.await.map_err(|e| {
+                ServiceError::unavailable(format!("queueing a delivery failed: {e}"))
+            })?;
         }
         Ok(())
     }
@@ -233,15 +240,21 @@ pub async fn run(
             .await
             .is_err()
         {
-            tracing::warn!(last, applied = notifier.state.applied(), "rules are not caught up; firing with what is known");
+            tracing::warn!(
+                last,
+                applied = notifier.state.applied(),
+                "rules are not caught up; firing with what is known"
+            );
         }
-        let results = futures::future::join_all(messages.iter().map(|m| notifier.process_event(m))).await;
+        let results =
+            futures::future::join_all(messages.iter().map(|m| notifier.process_event(m))).await;
         for (msg, result) in messages.iter().zip(results) {
             let ack = match result {
                 Ok(_) => msg.ack().await,
                 Err(e) => {
                     tracing::warn!(subject = %msg.subject, error = %e.message, "event not handled; it will be redelivered");
-                    msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await
+                    msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await
                 }
             };
             if let Err(e) = ack {

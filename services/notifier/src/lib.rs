@@ -284,8 +284,10 @@ impl App {
         let workers = {
             let n = n.clone();
             let stop = shutdown.clone();
-            let (events_consumer, deliveries_consumer) =
-                (self.events_consumer.clone(), self.deliveries_consumer.clone());
+            let (events_consumer, deliveries_consumer) = (
+                self.events_consumer.clone(),
+                self.deliveries_consumer.clone(),
+            );
             let worker_count = self.settings.workers;
             tokio::spawn(async move {
                 tokio::select! {

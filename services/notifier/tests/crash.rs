@@ -21,7 +21,10 @@ fn spawn_notifier(nats: &NatsServer) -> Child {
             "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
         )
         .env("METERLINE_NOTIFIER_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8")
-        .env("METERLINE_NOTIFIER_RETRY_SCHEDULE", "100ms,200ms,400ms,800ms,1s")
+        .env(
+            "METERLINE_NOTIFIER_RETRY_SCHEDULE",
+            "100ms,200ms,400ms,800ms,1s",
+        )
         .env("METERLINE_NOTIFIER_REQUEST_TIMEOUT_MS", "2000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -52,12 +55,17 @@ async fn kill_9_mid_delivery_loses_no_notification_and_keeps_ids() {
 
     // The first request hangs: the process is killed while it is in flight.
     let hook = w.webhook(&rx.url("crash", "hang,ok")).await;
-    let rule = w.rule("every-product", "configuration.product.created", None).await;
+    let rule = w
+        .rule("every-product", "configuration.product.created", None)
+        .await;
     w.link(&rule, &hook).await;
     let mut products = Vec::new();
     for i in 0..20 {
         let p = w
-            .create("product", json!({"code": format!("p{i}"), "name": format!("P{i}")}))
+            .create(
+                "product",
+                json!({"code": format!("p{i}"), "name": format!("P{i}")}),
+            )
             .await
             .unwrap();
         products.push(p["id"].as_str().unwrap().to_owned());
@@ -71,7 +79,10 @@ async fn kill_9_mid_delivery_loses_no_notification_and_keeps_ids() {
     let by_product = eventually(WAIT, "every product notified", || async {
         let mut by_product: HashMap<String, Vec<Value>> = HashMap::new();
         for h in rx.hits("crash").await {
-            let product = h["body"]["event"]["new"]["id"].as_str().unwrap_or_default().to_owned();
+            let product = h["body"]["event"]["new"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             by_product.entry(product).or_default().push(h);
         }
         let all = products.iter().all(|p| {

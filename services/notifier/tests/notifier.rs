@@ -33,19 +33,36 @@ async fn the_ninety_percent_rule_fires_exactly_once_across_a_series_of_updates()
     // The rules are created, then used at once: no restart, no waiting.
     let hook = w.webhook(&rx.url("c90", "ok")).await;
     let rule = w
-        .rule("c90", "configuration.commitment.updated", Some(NINETY_PERCENT))
+        .rule(
+            "c90",
+            "configuration.commitment.updated",
+            Some(NINETY_PERCENT),
+        )
         .await;
     w.link(&rule, &hook).await;
     let acct_hook = w.webhook(&rx.url("acct", "ok")).await;
     let acct_rule = w
-        .rule("acct", "configuration.commitment.created", Some(&one_account))
+        .rule(
+            "acct",
+            "configuration.commitment.created",
+            Some(&one_account),
+        )
         .await;
     w.link(&acct_rule, &acct_hook).await;
 
     // Threshold: 900 * 100 / 90 = 1000.
-    let c = w.create("commitment", commitment(&account, 0.0)).await.unwrap();
+    let c = w
+        .create("commitment", commitment(&account, 0.0))
+        .await
+        .unwrap();
     let id = c["id"].as_str().unwrap().to_owned();
-    for (version, spent) in [(1, 400.0), (2, 999.0), (3, 1001.0), (4, 1100.0), (5, 1500.0)] {
+    for (version, spent) in [
+        (1, 400.0),
+        (2, 999.0),
+        (3, 1001.0),
+        (4, 1100.0),
+        (5, 1500.0),
+    ] {
         let mut body = commitment(&account, spent);
         body["version"] = json!(version);
         w.update("commitment", &id, body).await.unwrap();
@@ -58,7 +75,10 @@ async fn the_ninety_percent_rule_fires_exactly_once_across_a_series_of_updates()
     assert_eq!(hit["verified"], true, "{hit}");
     assert_eq!(hit["apiKey"], API_KEY);
     assert_eq!(hit["body"]["notification"]["id"], rule.as_str());
-    assert_eq!(hit["body"]["event"]["eventName"], "configuration.commitment.updated");
+    assert_eq!(
+        hit["body"]["event"]["eventName"],
+        "configuration.commitment.updated"
+    );
     assert_eq!(hit["body"]["event"]["new"]["amountSpent"], 1001.0);
     assert_eq!(hit["body"]["event"]["old"]["amountSpent"], 999.0);
     assert_eq!(hit["id"], hit["body"]["id"]);
@@ -66,7 +86,10 @@ async fn the_ninety_percent_rule_fires_exactly_once_across_a_series_of_updates()
     // The single-account example fired for the create.
     let acct = rx.wait_hits("acct", 1).await;
     assert_eq!(acct[0]["verified"], true);
-    assert_eq!(acct[0]["body"]["event"]["new"]["accountId"], account.as_str());
+    assert_eq!(
+        acct[0]["body"]["event"]["new"]["accountId"],
+        account.as_str()
+    );
 
     notifier.stop().await;
     entities.stop().await;
@@ -81,7 +104,10 @@ async fn calculations_that_do_not_parse_are_refused_with_their_position() {
         json!({"code": "bad", "name": "bad", "description": "d",
                "eventName": "configuration.account.updated", "calculation": calc})
     };
-    let e = w.create("notificationrule", rule("new.amount >")).await.unwrap_err();
+    let e = w
+        .create("notificationrule", rule("new.amount >"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::BadRequest);
     assert!(e.message.contains("at position 13"), "{}", e.message);
     let e = w
@@ -89,7 +115,11 @@ async fn calculations_that_do_not_parse_are_refused_with_their_position() {
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::BadRequest);
-    assert!(e.message.contains("unknown function \"Math.sqrt\""), "{}", e.message);
+    assert!(
+        e.message.contains("unknown function \"Math.sqrt\""),
+        "{}",
+        e.message
+    );
     let page = w
         .entity("notificationrule", "list", Default::default())
         .await
@@ -107,11 +137,19 @@ async fn a_type_mismatch_is_reported_the_rule_does_not_fire_and_others_still_do(
     let rx = Receiver::start(SECRET);
     let hook = w.webhook(&rx.url("typed", "ok")).await;
     let mismatched = w
-        .rule("mismatch", "configuration.account.created", Some("new.name > 5"))
+        .rule(
+            "mismatch",
+            "configuration.account.created",
+            Some("new.name > 5"),
+        )
         .await;
     w.link(&mismatched, &hook).await;
     let good = w
-        .rule("good", "configuration.account.created", Some("new.code == \"beta\""))
+        .rule(
+            "good",
+            "configuration.account.created",
+            Some("new.code == \"beta\""),
+        )
         .await;
     w.link(&good, &hook).await;
 
@@ -126,26 +164,47 @@ async fn a_type_mismatch_is_reported_the_rule_does_not_fire_and_others_still_do(
     // The same mismatch through notifications/evaluate, against a stored
     // event, is reported with its reason.
     let events = w
-        .notifier("events.list", json!({"eventName": "configuration.account.created", "resourceId": beta}))
+        .notifier(
+            "events.list",
+            json!({"eventName": "configuration.account.created", "resourceId": beta}),
+        )
         .await
         .unwrap();
     let event_id = events["data"][0]["id"].as_str().unwrap().to_owned();
     let r = w
-        .notifier("evaluate", json!({"eventId": event_id, "calculation": "new.name > 5"}))
+        .notifier(
+            "evaluate",
+            json!({"eventId": event_id, "calculation": "new.name > 5"}),
+        )
         .await
         .unwrap();
     assert_eq!(r["success"], false);
-    assert!(r["errorMessage"].as_str().unwrap().contains("cannot compare"), "{r}");
+    assert!(
+        r["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("cannot compare"),
+        "{r}"
+    );
     let r = w
-        .notifier("evaluate", json!({"eventId": event_id, "calculation": "new.code == \"beta\""}))
+        .notifier(
+            "evaluate",
+            json!({"eventId": event_id, "calculation": "new.code == \"beta\""}),
+        )
         .await
         .unwrap();
     assert_eq!(r, json!({"success": true}));
     let r = w
-        .notifier("evaluate", json!({"eventId": event_id, "calculation": "new.code =="}))
+        .notifier(
+            "evaluate",
+            json!({"eventId": event_id, "calculation": "new.code =="}),
+        )
         .await
         .unwrap();
-    assert!(r["errorMessage"].as_str().unwrap().contains("at position"), "{r}");
+    assert!(
+        r["errorMessage"].as_str().unwrap().contains("at position"),
+        "{r}"
+    );
 
     notifier.stop().await;
     entities.stop().await;
@@ -158,7 +217,9 @@ async fn failing_webhooks_are_retried_honouring_retry_after_then_dead_lettered_a
     let notifier = start_notifier(meterline_notifier::Settings::for_tests(nats.url())).await;
     let w = World::new(&nats).await;
     let rx = Receiver::start(SECRET);
-    let rule = w.rule("products", "configuration.product.created", None).await;
+    let rule = w
+        .rule("products", "configuration.product.created", None)
+        .await;
     let mut hooks = std::collections::HashMap::new();
     for (name, plan) in [
         ("flaky", "500,500,ok"),
@@ -179,7 +240,10 @@ async fn failing_webhooks_are_retried_honouring_retry_after_then_dead_lettered_a
     // 500, 500, then 200: three attempts with the same id, all signed.
     let flaky = rx.wait_hits("flaky", 3).await;
     let ids: Vec<&Value> = flaky.iter().map(|h| &h["id"]).collect();
-    assert!(ids.iter().all(|id| *id == ids[0]), "one id on every retry: {ids:?}");
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "one id on every retry: {ids:?}"
+    );
     assert!(flaky.iter().all(|h| h["verified"] == true), "{flaky:#?}");
 
     // 429 with Retry-After: 2 is retried no sooner (the schedule says 100 ms).
@@ -212,9 +276,15 @@ async fn failing_webhooks_are_retried_honouring_retry_after_then_dead_lettered_a
         .find(|d| d["delivery"]["webhookId"] == hooks["down"].as_str())
         .expect("the down webhook's dead letter");
     assert_eq!(down["attempts"], 4);
-    assert!(down["lastError"].as_str().unwrap().contains("500"), "{down}");
+    assert!(
+        down["lastError"].as_str().unwrap().contains("500"),
+        "{down}"
+    );
     let errors = w
-        .notifier("events.list", json!({"eventName": "integration.webhook.error"}))
+        .notifier(
+            "events.list",
+            json!({"eventName": "integration.webhook.error"}),
+        )
         .await
         .unwrap();
     let errors = errors["data"].as_array().unwrap().clone();
@@ -226,14 +296,21 @@ async fn failing_webhooks_are_retried_honouring_retry_after_then_dead_lettered_a
 
     // Replay: the same notification id is delivered (the fifth answer is 200).
     let id = down["id"].as_str().unwrap().to_owned();
-    let r = w.notifier("deadletters.replay", json!({"id": id})).await.unwrap();
+    let r = w
+        .notifier("deadletters.replay", json!({"id": id}))
+        .await
+        .unwrap();
     assert_eq!(r["replayed"], true);
     let hits = rx.wait_hits("down", 5).await;
     assert_eq!(hits[4]["id"], id.as_str());
     assert_eq!(hits[4]["verified"], true);
     w.settled().await;
     let dead = w.notifier("deadletters.list", json!({})).await.unwrap();
-    assert_eq!(dead["data"].as_array().unwrap().len(), 1, "the replayed letter is gone");
+    assert_eq!(
+        dead["data"].as_array().unwrap().len(),
+        1,
+        "the replayed letter is gone"
+    );
     let e = w
         .notifier("deadletters.replay", json!({"id": id}))
         .await
@@ -251,7 +328,11 @@ async fn loopback_webhooks_are_refused_without_the_allow_list() {
     let strict = start_entities(&nats, "").await;
     let w = World::new(&nats).await;
     let rx = Receiver::start(SECRET);
-    for url in [rx.url("x", "ok"), "http://localhost:1/x".into(), "http://169.254.169.254/".into()] {
+    for url in [
+        rx.url("x", "ok"),
+        "http://localhost:1/x".into(),
+        "http://169.254.169.254/".into(),
+    ] {
         let e = w
             .create(
                 "webhook",
@@ -273,11 +354,22 @@ async fn loopback_webhooks_are_refused_without_the_allow_list() {
     let hook = w.webhook(&rx.url("private", "ok")).await;
     let rule = w.rule("r", "configuration.product.created", None).await;
     w.link(&rule, &hook).await;
-    w.create("product", json!({"code": "p", "name": "P"})).await.unwrap();
+    w.create("product", json!({"code": "p", "name": "P"}))
+        .await
+        .unwrap();
     w.settled().await;
-    assert!(rx.hits("private").await.is_empty(), "nothing reached the loopback receiver");
+    assert!(
+        rx.hits("private").await.is_empty(),
+        "nothing reached the loopback receiver"
+    );
     let dead = w.notifier("deadletters.list", json!({})).await.unwrap();
-    assert!(dead["data"][0]["lastError"].as_str().unwrap().contains("non-public"), "{dead}");
+    assert!(
+        dead["data"][0]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("non-public"),
+        "{dead}"
+    );
     notifier.stop().await;
     lenient.stop().await;
 }
@@ -290,7 +382,8 @@ async fn the_events_api_lists_filters_and_describes_events() {
     let w = World::new(&nats).await;
     let a = w.account("a").await;
     let b = w.account("b").await;
-    let mut body = json!({"code": "a", "name": "A2", "emailAddress": "a@example.com", "version": 1});
+    let mut body =
+        json!({"code": "a", "name": "A2", "emailAddress": "a@example.com", "version": 1});
     w.update("account", &a, body.take()).await.unwrap();
 
     let all = w
@@ -305,7 +398,11 @@ async fn the_events_api_lists_filters_and_describes_events() {
         .collect();
     assert_eq!(
         names,
-        ["configuration.account.created", "configuration.account.created", "configuration.account.updated"]
+        [
+            "configuration.account.created",
+            "configuration.account.created",
+            "configuration.account.updated"
+        ]
     );
     let of_a = w
         .notifier("events.list", json!({"resourceId": a}))
@@ -314,7 +411,10 @@ async fn the_events_api_lists_filters_and_describes_events() {
     assert_eq!(of_a["data"].as_array().unwrap().len(), 2);
     // Pages of one, continued by nextToken.
     let first = w
-        .notifier("events.list", json!({"eventName": "configuration.account.created", "pageSize": 1}))
+        .notifier(
+            "events.list",
+            json!({"eventName": "configuration.account.created", "pageSize": 1}),
+        )
         .await
         .unwrap();
     assert_eq!(first["data"][0]["m3terEvent"]["entityId"], a.as_str());
@@ -330,11 +430,17 @@ async fn the_events_api_lists_filters_and_describes_events() {
     let one = w.notifier("events.get", json!({"id": id})).await.unwrap();
     assert_eq!(one, second["data"][0]);
     assert_eq!(
-        w.notifier("events.get", json!({"id": "999999"})).await.unwrap_err().code,
+        w.notifier("events.get", json!({"id": "999999"}))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::NotFound
     );
     assert_eq!(
-        w.notifier("events.list", json!({"pageSize": 0})).await.unwrap_err().code,
+        w.notifier("events.list", json!({"pageSize": 0}))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::BadRequest
     );
     let types = w.notifier("events.types", json!({})).await.unwrap();
@@ -343,11 +449,20 @@ async fn the_events_api_lists_filters_and_describes_events() {
         .unwrap()
         .contains(&json!("configuration.commitment.updated")));
     let fields = w
-        .notifier("events.fields", json!({"eventName": "configuration.commitment.updated"}))
+        .notifier(
+            "events.fields",
+            json!({"eventName": "configuration.commitment.updated"}),
+        )
         .await
         .unwrap();
-    assert_eq!(fields["events"]["configuration.commitment.updated"]["new.amountSpent"], "double");
-    assert_eq!(fields["events"]["configuration.commitment.updated"]["old.amount"], "double");
+    assert_eq!(
+        fields["events"]["configuration.commitment.updated"]["new.amountSpent"],
+        "double"
+    );
+    assert_eq!(
+        fields["events"]["configuration.commitment.updated"]["old.amount"],
+        "double"
+    );
     notifier.stop().await;
     entities.stop().await;
 }

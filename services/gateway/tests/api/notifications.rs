@@ -37,12 +37,25 @@ async fn events_evaluate_webhook_activation_and_dead_letters_over_http() {
     let hook_id = hook["id"].as_str().unwrap();
 
     // Deactivate with m3ter's query parameter; the entity shows it.
-    let active = gw.org_url(org, &format!("integrationdestinations/webhooks/{hook_id}/active"));
-    let (status, off) = send(gw.http.put(format!("{active}?active=false")).bearer_auth(&token)).await;
+    let active = gw.org_url(
+        org,
+        &format!("integrationdestinations/webhooks/{hook_id}/active"),
+    );
+    let (status, off) = send(
+        gw.http
+            .put(format!("{active}?active=false"))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!(status, 200, "{off}");
     assert_eq!(off["active"], false);
     assert_eq!(off["version"], 2);
-    let (status, _) = send(gw.http.put(format!("{active}?active=maybe")).bearer_auth(&token)).await;
+    let (status, _) = send(
+        gw.http
+            .put(format!("{active}?active=maybe"))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!(status, 400);
 
     // The two writes are events; the list filters by name and resource.
@@ -59,13 +72,25 @@ async fn events_evaluate_webhook_activation_and_dead_letters_over_http() {
         .iter()
         .map(|e| e["eventName"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["configuration.webhook.created", "configuration.webhook.updated"]);
+    assert_eq!(
+        names,
+        [
+            "configuration.webhook.created",
+            "configuration.webhook.updated"
+        ]
+    );
     let event_id = page["data"][1]["id"].as_str().unwrap();
-    let (status, event) = send(gw.http.get(gw.org_url(org, &format!("events/{event_id}"))).bearer_auth(&token)).await;
+    let (status, event) = send(
+        gw.http
+            .get(gw.org_url(org, &format!("events/{event_id}")))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(event["m3terEvent"]["new"]["active"], false);
     assert_ne!(
-        event["m3terEvent"]["new"]["credentials"]["secret"], "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        event["m3terEvent"]["new"]["credentials"]["secret"],
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         "no secret in clear on EVENTS"
     );
 
@@ -94,21 +119,45 @@ async fn events_evaluate_webhook_activation_and_dead_letters_over_http() {
     .await;
     assert_eq!(status, 400, "{r}");
 
-    let (status, types) = send(gw.http.get(gw.org_url(org, "events/types")).bearer_auth(&token)).await;
-    assert_eq!(status, 200);
-    assert!(types["events"].as_array().unwrap().contains(&json!("configuration.commitment.updated")));
-    let (status, fields) = send(
+    let (status, types) = send(
         gw.http
-            .get(gw.org_url(org, "events/fields?eventName=configuration.commitment.created"))
+            .get(gw.org_url(org, "events/types"))
             .bearer_auth(&token),
     )
     .await;
     assert_eq!(status, 200);
-    assert_eq!(fields["events"]["configuration.commitment.created"]["new.amount"], "double");
-    let (status, _) = send(gw.http.get(gw.org_url(org, "events/fields")).bearer_auth(&token)).await;
+    assert!(types["events"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("configuration.commitment.updated")));
+    let (status, fields) = send(
+        gw.http
+            .get(gw.org_url(
+                org,
+                "events/fields?eventName=configuration.commitment.created",
+            ))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        fields["events"]["configuration.commitment.created"]["new.amount"],
+        "double"
+    );
+    let (status, _) = send(
+        gw.http
+            .get(gw.org_url(org, "events/fields"))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!(status, 400);
 
-    let (status, dead) = send(gw.http.get(gw.org_url(org, "notifications/deadletters")).bearer_auth(&token)).await;
+    let (status, dead) = send(
+        gw.http
+            .get(gw.org_url(org, "notifications/deadletters"))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!((status, dead), (200, json!({"data": []})));
     let (status, body) = send(
         gw.http

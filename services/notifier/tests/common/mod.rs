@@ -26,7 +26,9 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub async fn start_entities(nats: &NatsServer, allow: &str) -> Running {
     let mut s = meterline_entities::Settings::for_tests(nats.url());
     s.webhook_allow_networks = allow.to_owned();
-    let app = meterline_entities::App::build(s).await.expect("build entities");
+    let app = meterline_entities::App::build(s)
+        .await
+        .expect("build entities");
     Running::spawn(|stop| app.run_until_stopped(stop))
 }
 
@@ -148,7 +150,12 @@ impl World {
         w
     }
 
-    pub async fn entity(&self, ty: &str, op: &str, req: EntityRequest) -> Result<Value, ServiceError> {
+    pub async fn entity(
+        &self,
+        ty: &str,
+        op: &str,
+        req: EntityRequest,
+    ) -> Result<Value, ServiceError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(HEADER_ACTOR, "tester");
         let payload = Bytes::from(serde_json::to_vec(&req).unwrap());
@@ -238,7 +245,10 @@ impl World {
         if let Some(c) = calculation {
             body["calculation"] = json!(c);
         }
-        let r = self.create("notificationrule", body).await.expect("create rule");
+        let r = self
+            .create("notificationrule", body)
+            .await
+            .expect("create rule");
         r["id"].as_str().unwrap().to_owned()
     }
 
