@@ -209,6 +209,7 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     while let Some(r) = acks.next().await {
         r?;
     }
+    println!("notifier: {n} events published; waiting for their deliveries");
     eventually(Duration::from_secs(120), "every event delivered", || {
         let done = count(&seen) >= n;
         async move { done.then_some(()) }

@@ -517,7 +517,9 @@ impl Parser<'_> {
                     l,
                     r,
                 ),
-                _ => unreachable_node(),
+                other => {
+                    return self.fail(self.here(), format!("unexpected {other}"));
+                }
             };
         }
         self.depth -= 1;
@@ -630,10 +632,6 @@ impl Parser<'_> {
         }
         Ok(Node::Field(side, path.into_boxed_slice()))
     }
-}
-
-fn unreachable_node() -> Node {
-    Node::Null
 }
 
 // ------------------------------------------------------------ evaluation

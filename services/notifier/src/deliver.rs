@@ -372,7 +372,7 @@ pub(crate) async fn consumer(
 }
 
 /// The delivery loop: at most `workers` attempts at once; a message is
-/// fetched only when a worker is free, so none waits here while its
+/// pulled only for a free worker, so none waits here while its
 /// acknowledgement deadline runs.
 pub async fn run(
     notifier: Notifier,
@@ -384,11 +384,20 @@ pub async fn run(
     let mut in_flight = JoinSet::new();
     loop {
         while in_flight.try_join_next().is_some() {}
-        let free = permits.available_permits().max(1);
+        // Wait for a free worker, then pull at most as many deliveries as
+        // there are free workers; the pull waits (up to a second) for
+        // deliveries, so an idle notifier does not poll.
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let free = permits.available_permits() + 1;
+        drop(first);
         let fetched = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            b = consumer.fetch().max_messages(free).expires(Duration::from_secs(2)).messages() => b,
+            b = consumer.batch().max_messages(free).expires(Duration::from_secs(1)).messages() => b,
         };
         let mut batch = match fetched {
             Ok(b) => b,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -201,65 +201,85 @@ pub(crate) async fn consumer(
         .await?)
 }
 
-/// The firing loop: takes events in batches, makes sure every rule written
-/// before them is known, fires, stores deliveries, then acknowledges.
+/// The firing loop: takes events as they arrive, in chunks of what is
+/// ready at once; makes sure every rule written before them is known; fires;
+/// stores deliveries; then acknowledges.
 pub async fn run(
     notifier: Notifier,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let fetched = tokio::select! {
+        // A pull request that waits for events (up to a second), so an
+        // idle notifier does not poll.
+        let pulled = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            b = consumer.fetch().max_messages(BATCH).expires(Duration::from_secs(2)).messages() => b,
+            b = consumer.batch().max_messages(BATCH).expires(Duration::from_secs(1)).messages() => b,
         };
-        let mut batch = match fetched {
+        let mut batch = match pulled {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, "fetching events failed");
+                tracing::warn!(error = %e, "pulling events failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
         };
-        let mut messages = Vec::new();
-        while let Some(m) = batch.next().await {
-            match m {
-                Ok(m) => messages.push(m),
-                Err(e) => tracing::debug!(error = %e, "no event"),
-            }
-        }
-        if messages.is_empty() {
-            continue;
-        }
-        // Rules, webhooks and links written before these events.
-        let last = crate::state::last_relevant_seq(&notifier.entities).await;
-        if tokio::time::timeout(Duration::from_secs(5), notifier.state.wait_for(last))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                last,
-                applied = notifier.state.applied(),
-                "rules are not caught up; firing with what is known"
-            );
-        }
-        let results =
-            futures::future::join_all(messages.iter().map(|m| notifier.process_event(m))).await;
-        for (msg, result) in messages.iter().zip(results) {
-            let ack = match result {
-                Ok(_) => msg.ack().await,
-                Err(e) => {
-                    tracing::warn!(subject = %msg.subject, error = %e.message, "event not handled; it will be redelivered");
-                    msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await
-                }
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                m = batch.next() => m,
             };
-            if let Err(e) = ack {
-                tracing::warn!(error = %e, "acknowledging an event failed");
+            let Some(first) = first else { break };
+            let mut messages = Vec::new();
+            match first {
+                Ok(m) => messages.push(m),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no event");
+                    continue;
+                }
             }
+            while messages.len() < BATCH {
+                match batch.next().now_or_never() {
+                    Some(Some(Ok(m))) => messages.push(m),
+                    Some(Some(Err(_))) => continue,
+                    _ => break,
+                }
+            }
+            handle_chunk(&notifier, &messages).await;
+        }
+    }
+}
+
+async fn handle_chunk(notifier: &Notifier, messages: &[jetstream::Message]) {
+    // Rules, webhooks and links written before these events.
+    let last = crate::state::last_relevant_seq(&notifier.entities).await;
+    if tokio::time::timeout(Duration::from_secs(5), notifier.state.wait_for(last))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            last,
+            applied = notifier.state.applied(),
+            "rules are not caught up; firing with what is known"
+        );
+    }
+    let results =
+        futures::future::join_all(messages.iter().map(|m| notifier.process_event(m))).await;
+    for (msg, result) in messages.iter().zip(results) {
+        let ack = match result {
+            Ok(_) => msg.ack().await,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e.message, "event not handled; it will be redelivered");
+                msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await
+            }
+        };
+        if let Err(e) = ack {
+            tracing::warn!(error = %e, "acknowledging an event failed");
         }
     }
 }

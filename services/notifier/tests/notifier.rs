@@ -386,10 +386,15 @@ async fn the_events_api_lists_filters_and_describes_events() {
         json!({"code": "a", "name": "A2", "emailAddress": "a@example.com", "version": 1});
     w.update("account", &a, body.take()).await.unwrap();
 
-    let all = w
-        .notifier("events.list", json!({"eventType": "configuration.account"}))
-        .await
-        .unwrap();
+    // EVENTS sources ENTITIES asynchronously: the three events appear soon.
+    let all = eventually(WAIT, "three account events", || async {
+        let all = w
+            .notifier("events.list", json!({"eventType": "configuration.account"}))
+            .await
+            .ok()?;
+        (all["data"].as_array()?.len() == 3).then_some(all)
+    })
+    .await;
     let names: Vec<&str> = all["data"]
         .as_array()
         .unwrap()
@@ -463,6 +468,28 @@ async fn the_events_api_lists_filters_and_describes_events() {
         fields["events"]["configuration.commitment.updated"]["old.amount"],
         "double"
     );
+    notifier.stop().await;
+    entities.stop().await;
+}
+
+#[tokio::test]
+async fn a_plain_secret_signs_with_its_own_bytes() {
+    // m3ter's API secrets are not `whsec_` base64: the key is the text itself.
+    let nats = NatsServer::start();
+    let entities = start_entities(&nats, "127.0.0.0/8").await;
+    let notifier = start_notifier(meterline_notifier::Settings::for_tests(nats.url())).await;
+    let w = World::new(&nats).await;
+    let rx = Receiver::start_with(&["an m3ter api secret", "--raw"]);
+    let hook = w
+        .webhook_with(&rx.url("plain", "ok"), "an m3ter api secret")
+        .await;
+    let rule = w.rule("plain", "configuration.product.created", None).await;
+    w.link(&rule, &hook).await;
+    w.create("product", json!({"code": "p", "name": "P"}))
+        .await
+        .unwrap();
+    let hits = rx.wait_hits("plain", 1).await;
+    assert_eq!(hits[0]["verified"], true, "{:#?}", hits[0]);
     notifier.stop().await;
     entities.stop().await;
 }

@@ -2,10 +2,12 @@
 //! and notifier services: the events API, `notifications/evaluate`, webhook
 //! activation and the dead letters.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::helpers::{send, World};
-use meterline_shared::testkit::Running;
+use meterline_shared::testkit::{eventually, Running};
 
 async fn start_notifier(w: &World) -> Running {
     let app = meterline_notifier::App::build(meterline_notifier::Settings::for_tests(w.nats.url()))
@@ -58,14 +60,14 @@ async fn events_evaluate_webhook_activation_and_dead_letters_over_http() {
     .await;
     assert_eq!(status, 400);
 
-    // The two writes are events; the list filters by name and resource.
-    let (status, page) = send(
-        gw.http
-            .get(gw.org_url(org, &format!("events?resourceId={hook_id}&pageSize=10")))
-            .bearer_auth(&token),
-    )
+    // The two writes are events (EVENTS sources them from ENTITIES
+    // asynchronously); the list filters by resource.
+    let events = gw.org_url(org, &format!("events?resourceId={hook_id}&pageSize=10"));
+    let page = eventually(Duration::from_secs(20), "both webhook events listed", || async {
+        let (status, page) = send(gw.http.get(&events).bearer_auth(&token)).await;
+        (status == 200 && page["data"].as_array()?.len() == 2).then_some(page)
+    })
     .await;
-    assert_eq!(status, 200, "{page}");
     let names: Vec<&str> = page["data"]
         .as_array()
         .unwrap()
