@@ -226,8 +226,15 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         json!({"id": format!("max-{i}"), "event": {"new": {"sentAt": micros_now()}}}).to_string()
     };
     let started = Instant::now();
-    let mut acks = Vec::with_capacity(max_deliveries);
+    // Acknowledgements are awaited a thousand at a time: the client bounds
+    // how many publishes may wait for theirs.
+    let mut acks = Vec::with_capacity(1000);
     for i in 0..max_deliveries {
+        if acks.len() == 1000 {
+            for a in acks.drain(..) {
+                a.await?;
+            }
+        }
         let d = Delivery {
             id: format!("max-{i}"),
             org_id: ORG.into(),

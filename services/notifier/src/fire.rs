@@ -130,8 +130,19 @@ impl Notifier {
         deliveries: &[Delivery],
         msg_suffix: &str,
     ) -> Result<(), ServiceError> {
-        let mut acks = Vec::with_capacity(deliveries.len());
+        // The client bounds the publishes waiting for acknowledgements (and
+        // events are handled concurrently): wait for them in groups.
+        const GROUP: usize = 256;
+        let mut acks: Vec<jetstream::context::PublishAckFuture> =
+            Vec::with_capacity(deliveries.len().min(GROUP));
         for d in deliveries {
+            if acks.len() == GROUP {
+                for ack in acks.drain(..) {
+                    ack.await.map_err(|e| {
+                        ServiceError::unavailable(format!("queueing a delivery failed: {e}"))
+                    })?;
+                }
+            }
             let mut headers = Codec::Json.headers();
             headers.insert("Nats-Msg-Id", format!("{}{msg_suffix}", d.id).as_str());
             let payload = serde_json::to_vec(d).map_err(ServiceError::internal)?;
@@ -155,18 +166,18 @@ impl Notifier {
         Ok(())
     }
 
-    /// Handles one event message: fire, store deliveries, report
-    /// calculation errors. An error means nothing was acknowledged.
-    pub async fn process_event(&self, msg: &jetstream::Message) -> Result<usize, ServiceError> {
+    /// What one event message fires (calculation errors are reported
+    /// here); nothing is stored yet.
+    pub fn prepare(&self, msg: &jetstream::Message) -> Vec<Delivery> {
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let Some(org) = msg.subject.as_str().split('.').nth(1) else {
-            return Ok(0);
+            return Vec::new();
         };
         let event: Value = match serde_json::from_slice(&msg.payload) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(seq, error = %e, "skipping an event that is not JSON");
-                return Ok(0);
+                return Vec::new();
             }
         };
         let fired = self.fire(org, seq, &event);
@@ -174,8 +185,7 @@ impl Notifier {
             metrics::counter!("meterline_notifier_calculation_errors_total").increment(1);
             tracing::warn!(org, rule = %rule, seq, %error, "calculation failed on an event; the rule did not fire");
         }
-        self.enqueue(&fired.deliveries, "").await?;
-        Ok(fired.deliveries.len())
+        fired.deliveries
     }
 }
 
@@ -267,13 +277,17 @@ async fn handle_chunk(notifier: &Notifier, messages: &[jetstream::Message]) {
             "rules are not caught up; firing with what is known"
         );
     }
-    let results =
-        futures::future::join_all(messages.iter().map(|m| notifier.process_event(m))).await;
-    for (msg, result) in messages.iter().zip(results) {
-        let ack = match result {
-            Ok(_) => msg.ack().await,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e.message, "event not handled; it will be redelivered");
+    let deliveries: Vec<Delivery> = messages.iter().flat_map(|m| notifier.prepare(m)).collect();
+    // One writer per chunk: the client bounds the publishes waiting for
+    // their acknowledgements, and `enqueue` waits for them in groups.
+    let stored = notifier.enqueue(&deliveries, "").await;
+    if let Err(e) = &stored {
+        tracing::warn!(error = %e.message, events = messages.len(), "deliveries not stored; the events will be redelivered");
+    }
+    for msg in messages {
+        let ack = match &stored {
+            Ok(()) => msg.ack().await,
+            Err(_) => {
                 msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await
             }

@@ -63,10 +63,14 @@ async fn events_evaluate_webhook_activation_and_dead_letters_over_http() {
     // The two writes are events (EVENTS sources them from ENTITIES
     // asynchronously); the list filters by resource.
     let events = gw.org_url(org, &format!("events?resourceId={hook_id}&pageSize=10"));
-    let page = eventually(Duration::from_secs(20), "both webhook events listed", || async {
-        let (status, page) = send(gw.http.get(&events).bearer_auth(&token)).await;
-        (status == 200 && page["data"].as_array()?.len() == 2).then_some(page)
-    })
+    let page = eventually(
+        Duration::from_secs(20),
+        "both webhook events listed",
+        || async {
+            let (status, page) = send(gw.http.get(&events).bearer_auth(&token)).await;
+            (status == 200 && page["data"].as_array()?.len() == 2).then_some(page)
+        },
+    )
     .await;
     let names: Vec<&str> = page["data"]
         .as_array()
