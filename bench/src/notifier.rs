@@ -327,7 +327,7 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         &raw_steady,
     );
     rows.extend(compare(
-        "webhook deliveries, 256 in flight (raw: request/reply, 256 in flight)",
+        "webhook deliveries queued at once, 256 in flight; latency = time in queue (raw: request/reply, 256 in flight)",
         "deliveries",
         1,
         &burst,
