@@ -448,6 +448,13 @@ async fn the_events_api_lists_filters_and_describes_events() {
             .code,
         ErrorCode::BadRequest
     );
+    for name in ["configuration.nothing.created", "no.such.event"] {
+        let none = w
+            .notifier("events.list", json!({"eventName": name}))
+            .await
+            .unwrap();
+        assert_eq!(none, json!({"data": []}), "{name}");
+    }
     let types = w.notifier("events.types", json!({})).await.unwrap();
     assert!(types["events"]
         .as_array()
