@@ -514,8 +514,11 @@ pub async fn replay(n: &Notifier, org: &str, id: &str) -> Result<Value, ServiceE
         .await
         .map_err(|_| ServiceError::not_found(format!("no dead letter {id:?}")))?;
     let letter: Value = serde_json::from_slice(&msg.payload).map_err(ServiceError::internal)?;
-    let delivery: Delivery =
-        serde_json::from_value(letter["delivery"].clone()).map_err(ServiceError::internal)?;
+    let delivery = Delivery {
+        attempts: 0,
+        not_before: None,
+        ..serde_json::from_value(letter["delivery"].clone()).map_err(ServiceError::internal)?
+    };
     n.enqueue(
         std::slice::from_ref(&delivery),
         &format!(".replay.{}", msg.sequence),

@@ -27,7 +27,7 @@ use meterline_shared::envelope::HEADER_EVENT_NAME;
 use meterline_shared::shutdown::DRAIN_DEADLINE;
 use meterline_shared::{codec::Codec, subjects};
 
-use crate::fire::Delivery;
+use crate::fire::{Batch, Delivery};
 use crate::sign;
 use crate::Notifier;
 
@@ -192,78 +192,143 @@ impl Notifier {
         }
     }
 
-    /// Handles one `DELIVERIES` message (attempt `attempt`, from 1).
-    pub async fn process_delivery(&self, msg: &jetstream::Message) {
-        let d: Delivery = match serde_json::from_slice(&msg.payload) {
-            Ok(d) => d,
+    /// Handles one `DELIVERIES` message: attempts its deliveries, queues a
+    /// retry of each that failed (as a message of its own, not to be
+    /// attempted before its delay), dead-letters those that failed for good,
+    /// and only then acknowledges the message. A retry not yet due is put
+    /// back until it is.
+    pub async fn process_message(&self, msg: &jetstream::Message) {
+        let batch: Batch = match serde_json::from_slice(&msg.payload) {
+            Ok(b) => b,
             Err(e) => {
                 tracing::warn!(subject = %msg.subject, error = %e, "dropping an unreadable delivery");
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
         };
-        let attempt = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as usize;
-        let started = std::time::Instant::now();
-        let outcome = self.attempt(&d).await;
-        metrics::histogram!("meterline_notifier_attempt_seconds").record(started.elapsed());
-        let (org, webhook, id) = (&d.org_id, &d.webhook_id, &d.id);
-        let result: Result<(), String> = match outcome {
-            Outcome::Delivered(status) => {
-                metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "delivered")
-                    .increment(1);
-                tracing::debug!(org, webhook, id, attempt, status, "delivered");
-                msg.double_ack().await.map_err(|e| e.to_string())
+        let now = Utc::now().timestamp_millis();
+        let due = batch
+            .deliveries
+            .iter()
+            .filter_map(|d| d.not_before)
+            .max()
+            .unwrap_or(0);
+        if due > now {
+            let wait = Duration::from_millis((due - now) as u64);
+            let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+            return;
+        }
+        // Tells the server the message is being worked on, so a batch with a
+        // slow webhook is not handed to another replica meanwhile.
+        let alive = {
+            let msg = msg.clone();
+            let every = self.ack_wait / 3;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if msg.ack_with(AckKind::Progress).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let outcomes = futures::future::join_all(batch.deliveries.iter().map(|d| async move {
+            let _permit = self.requests.acquire().await;
+            let started = std::time::Instant::now();
+            let outcome = self.attempt(d).await;
+            metrics::histogram!("meterline_notifier_attempt_seconds").record(started.elapsed());
+            outcome
+        }))
+        .await;
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let mut retries = Vec::new();
+        let mut settled: Result<(), String> = Ok(());
+        for (d, outcome) in batch.deliveries.iter().zip(outcomes) {
+            let attempt = d.attempts as usize + 1;
+            let (org, webhook, id) = (&d.org_id, &d.webhook_id, &d.id);
+            let result = match outcome {
+                Outcome::Delivered(status) => {
+                    metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "delivered")
+                        .increment(1);
+                    tracing::debug!(org, webhook, id, attempt, status, "delivered");
+                    Ok(())
+                }
+                Outcome::Retry { reason, after } if attempt <= self.schedule.len() => {
+                    let delay = after
+                        .map(|a| a.min(self.max_retry_after))
+                        .unwrap_or(self.schedule[attempt - 1]);
+                    metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "retried")
+                        .increment(1);
+                    tracing::info!(org, webhook, id, attempt, retry_in = ?delay, %reason, "delivery failed; will retry");
+                    retries.push(Delivery {
+                        attempts: attempt as u32,
+                        not_before: Some(Utc::now().timestamp_millis() + delay.as_millis() as i64),
+                        ..d.clone()
+                    });
+                    Ok(())
+                }
+                Outcome::Retry { reason, .. } => {
+                    self.dead_letter(
+                        seq,
+                        d,
+                        attempt,
+                        &format!("{reason} (after {attempt} attempts)"),
+                        "perform",
+                    )
+                    .await
+                }
+                Outcome::Gone => {
+                    if let Err(e) = crate::api::set_active(self, org, webhook, false).await {
+                        tracing::warn!(org, webhook, error = %e.message, "deactivating a gone webhook failed");
+                    }
+                    self.dead_letter(
+                        seq,
+                        d,
+                        attempt,
+                        "the webhook answered 410 Gone; it is now inactive",
+                        "disabled",
+                    )
+                    .await
+                }
+                Outcome::Fail { reason, error_type } => {
+                    self.dead_letter(seq, d, attempt, &reason, error_type).await
+                }
+            };
+            if settled.is_ok() {
+                settled = result;
             }
-            Outcome::Retry { reason, after } if attempt <= self.schedule.len() => {
-                let delay = after
-                    .map(|a| a.min(self.max_retry_after))
-                    .unwrap_or(self.schedule[attempt - 1]);
-                metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "retried")
-                    .increment(1);
-                tracing::info!(org, webhook, id, attempt, retry_in = ?delay, %reason, "delivery failed; will retry");
-                msg.ack_with(AckKind::Nak(Some(delay)))
+        }
+        // Each retry is a message of its own; its id names the attempt, so
+        // doing this twice queues it once.
+        for r in &retries {
+            if settled.is_ok() {
+                settled = self
+                    .enqueue(std::slice::from_ref(r), &format!(".retry.{}", r.attempts))
+                    .await
+                    .map_err(|e| e.message);
+            }
+        }
+        alive.abort();
+        let acked = match settled {
+            Ok(()) => msg.double_ack().await.map_err(|e| e.to_string()),
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "settling deliveries failed; they will be tried again");
+                msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await
                     .map_err(|e| e.to_string())
             }
-            Outcome::Retry { reason, .. } => {
-                self.dead_letter(
-                    msg,
-                    &d,
-                    attempt,
-                    &format!("{reason} (after {attempt} attempts)"),
-                    "perform",
-                )
-                .await
-            }
-            Outcome::Gone => {
-                if let Err(e) = crate::api::set_active(self, org, webhook, false).await {
-                    tracing::warn!(org, webhook, error = %e.message, "deactivating a gone webhook failed");
-                }
-                self.dead_letter(
-                    msg,
-                    &d,
-                    attempt,
-                    "the webhook answered 410 Gone; it is now inactive",
-                    "disabled",
-                )
-                .await
-            }
-            Outcome::Fail { reason, error_type } => {
-                self.dead_letter(msg, &d, attempt, &reason, error_type)
-                    .await
-            }
         };
-        if let Err(e) = result {
-            tracing::warn!(org, webhook, id, error = %e, "settling a delivery failed; it will be tried again");
+        if let Err(e) = acked {
+            tracing::warn!(subject = %msg.subject, error = %e, "acknowledging deliveries failed; they will be tried again");
         }
     }
 
-    /// Stores `d` as a dead letter and publishes the error event, then
-    /// acknowledges the delivery. Both writes carry message ids, so doing it
-    /// twice stores them once.
+    /// Stores `d` as a dead letter and publishes the error event. Both
+    /// writes carry message ids (from `seq`, the message that carried `d`),
+    /// so doing it twice stores them once.
     async fn dead_letter(
         &self,
-        msg: &jetstream::Message,
+        seq: u64,
         d: &Delivery,
         attempts: usize,
         reason: &str,
@@ -271,7 +336,6 @@ impl Notifier {
     ) -> Result<(), String> {
         metrics::counter!("meterline_notifier_deliveries_total", "outcome" => "dead").increment(1);
         tracing::warn!(org = %d.org_id, webhook = %d.webhook_id, id = %d.id, attempts, %reason, "delivery failed for good; dead-lettered");
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
         let letter = json!({
             "id": d.id,
@@ -333,7 +397,7 @@ impl Notifier {
             &event,
         )
         .await?;
-        msg.double_ack().await.map_err(|e| e.to_string())
+        Ok(())
     }
 }
 
@@ -418,7 +482,7 @@ pub async fn run(
             };
             let notifier = notifier.clone();
             in_flight.spawn(async move {
-                notifier.process_delivery(&msg).await;
+                notifier.process_message(&msg).await;
                 drop(permit);
             });
         }

@@ -2,11 +2,13 @@
 //! its name, and each rule that fires becomes one delivery per linked
 //! webhook on `DELIVERIES`.
 //!
-//! The event is acknowledged only after its deliveries are stored. Each
-//! delivery's message id is its notification id, derived from the event,
-//! the rule and the webhook, so an event handled twice (after a crash)
-//! produces the same notification, which the stream de-duplicates within
-//! its window and receivers de-duplicate on `webhook-id` beyond it.
+//! The event is acknowledged only after its deliveries are stored. A
+//! delivery's notification id is derived from the event, the rule and the
+//! webhook, so an event handled twice (after a crash) produces the same
+//! notification, which receivers de-duplicate on `webhook-id`. The
+//! deliveries of events handled together are stored as one message per
+//! webhook (a [`Batch`] of up to [`MAX_BATCH`]): with every write flushed
+//! to disk, the cost is per message, not per delivery.
 
 use std::time::Duration;
 
@@ -27,7 +29,16 @@ pub const CONSUMER: &str = "notifier";
 /// Events handled together: their deliveries are stored concurrently.
 const BATCH: usize = 256;
 
-/// One pending webhook delivery, the payload of `notify.<org>.<webhook>`.
+/// The most deliveries stored in one `DELIVERIES` message.
+pub const MAX_BATCH: usize = 64;
+
+/// The payload of `notify.<org>.<webhook>`: deliveries to one webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    pub deliveries: Vec<Delivery>,
+}
+
+/// One pending webhook delivery.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Delivery {
@@ -40,6 +51,12 @@ pub struct Delivery {
     pub created_at: String,
     /// The exact JSON body POSTed on every attempt.
     pub body: String,
+    /// Attempts made before this one.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Not to be attempted before this time (Unix milliseconds): a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
 }
 
 /// The notification id of `rule` firing on an event for `webhook`: the same
@@ -118,50 +135,70 @@ impl Notifier {
                     event_name: event_name.to_owned(),
                     created_at: now.clone(),
                     body: body.to_string(),
+                    attempts: 0,
+                    not_before: None,
                 });
             }
         }
         out
     }
 
-    /// Stores deliveries on `DELIVERIES` and waits for every acknowledgement.
+    /// Stores deliveries on `DELIVERIES`, one message per webhook and up to
+    /// [`MAX_BATCH`] deliveries, and waits for every acknowledgement. The
+    /// message id is derived from the deliveries and `msg_suffix`, so the
+    /// same deliveries stored twice within the window are stored once.
     pub async fn enqueue(
         &self,
         deliveries: &[Delivery],
         msg_suffix: &str,
     ) -> Result<(), ServiceError> {
-        // The client bounds the publishes waiting for acknowledgements (and
-        // events are handled concurrently): wait for them in groups.
-        const GROUP: usize = 256;
-        let mut acks: Vec<jetstream::context::PublishAckFuture> =
-            Vec::with_capacity(deliveries.len().min(GROUP));
+        let failed = |e: &dyn std::fmt::Display| {
+            ServiceError::unavailable(format!("queueing a delivery failed: {e}"))
+        };
+        // Grouped by webhook, in order.
+        let mut groups: Vec<Vec<&Delivery>> = Vec::new();
         for d in deliveries {
-            if acks.len() == GROUP {
+            let open = groups.iter_mut().find(|g| {
+                g.len() < MAX_BATCH && g[0].org_id == d.org_id && g[0].webhook_id == d.webhook_id
+            });
+            match open {
+                Some(g) => g.push(d),
+                None => groups.push(vec![d]),
+            }
+        }
+        // The client bounds the publishes waiting for acknowledgements:
+        // wait for them in groups.
+        const IN_FLIGHT: usize = 256;
+        let mut acks: Vec<jetstream::context::PublishAckFuture> = Vec::new();
+        for group in groups {
+            if acks.len() == IN_FLIGHT {
                 for ack in acks.drain(..) {
-                    ack.await.map_err(|e| {
-                        ServiceError::unavailable(format!("queueing a delivery failed: {e}"))
-                    })?;
+                    ack.await.map_err(|e| failed(&e))?;
                 }
             }
+            let ids: Vec<&str> = group.iter().map(|d| d.id.as_str()).collect();
+            let msg_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, ids.join("/").as_bytes());
             let mut headers = Codec::Json.headers();
-            headers.insert("Nats-Msg-Id", format!("{}{msg_suffix}", d.id).as_str());
-            let payload = serde_json::to_vec(d).map_err(ServiceError::internal)?;
+            headers.insert("Nats-Msg-Id", format!("{msg_id}{msg_suffix}").as_str());
+            let batch = Batch {
+                deliveries: group.iter().map(|d| (*d).clone()).collect(),
+            };
+            let payload = serde_json::to_vec(&batch).map_err(ServiceError::internal)?;
             let publish = jetstream::message::PublishMessage::build()
                 .payload(Bytes::from(payload))
                 .headers(headers);
             let ack = self
                 .js
-                .send_publish(subjects::delivery(&d.org_id, &d.webhook_id), publish)
+                .send_publish(
+                    subjects::delivery(&group[0].org_id, &group[0].webhook_id),
+                    publish,
+                )
                 .await
-                .map_err(|e| {
-                    ServiceError::unavailable(format!("queueing a delivery failed: {e}"))
-                })?;
+                .map_err(|e| failed(&e))?;
             acks.push(ack);
         }
         for ack in acks {
-            ack.await.map_err(|e| {
-                ServiceError::unavailable(format!("queueing a delivery failed: {e}"))
-            })?;
+            ack.await.map_err(|e| failed(&e))?;
         }
         Ok(())
     }
@@ -202,7 +239,9 @@ pub(crate) async fn consumer(
                 // runs; after that the durable consumer resumes where it was.
                 deliver_policy: jetstream::consumer::DeliverPolicy::New,
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
+                // A chunk takes at most a few seconds (waiting for rules is
+                // bounded at 5); after a crash its events come back this soon.
+                ack_wait: Duration::from_secs(15),
                 max_deliver: -1,
                 max_ack_pending: 10_000,
                 ..Default::default()

@@ -144,6 +144,10 @@ pub struct Notifier {
     schedule: Vec<Duration>,
     max_retry_after: Duration,
     request_timeout: Duration,
+    /// Webhook requests in flight at once.
+    requests: Arc<tokio::sync::Semaphore>,
+    /// How long a `DELIVERIES` message may go without a sign of work.
+    ack_wait: Duration,
 }
 
 impl Notifier {
@@ -201,8 +205,8 @@ impl App {
         let deliveries = js.get_stream(subjects::DELIVERIES_STREAM).await?;
         let dead_letters = js.get_stream(subjects::DEAD_LETTERS_STREAM).await?;
         let events_consumer = fire::consumer(&events).await?;
-        let deliveries_consumer =
-            deliver::consumer(&deliveries, request_timeout + Duration::from_secs(5)).await?;
+        let ack_wait = request_timeout + Duration::from_secs(5);
+        let deliveries_consumer = deliver::consumer(&deliveries, ack_wait).await?;
         let notifier = Notifier {
             client: client.clone(),
             js,
@@ -216,6 +220,8 @@ impl App {
             schedule,
             max_retry_after: Duration::from_secs(settings.max_retry_after_secs),
             request_timeout,
+            requests: Arc::new(tokio::sync::Semaphore::new(settings.workers.max(1))),
+            ack_wait,
         };
         let admin_listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
         let admin_addr = admin_listener.local_addr()?;

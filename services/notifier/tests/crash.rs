@@ -76,7 +76,9 @@ async fn kill_9_mid_delivery_loses_no_notification_and_keeps_ids() {
 
     let mut notifier = spawn_notifier(&nats);
     wait_serving(&w).await;
-    let by_product = eventually(WAIT, "every product notified", || async {
+    // Events and deliveries in flight at the kill come back after their
+    // acknowledgement deadlines (15 and 7 seconds here).
+    let by_product = eventually(2 * WAIT, "every product notified", || async {
         let mut by_product: HashMap<String, Vec<Value>> = HashMap::new();
         for h in rx.hits("crash").await {
             let product = h["body"]["event"]["new"]["id"]
