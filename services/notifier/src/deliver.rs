@@ -1,15 +1,18 @@
-//! Delivery: each message on `DELIVERIES` is POSTed to its webhook, signed
-//! per Standard Webhooks, until the webhook answers 2xx.
+//! Delivery: each delivery on `DELIVERIES` (up to 64 to one webhook in a
+//! message) is POSTed to its webhook, signed per Standard Webhooks, until
+//! the webhook answers 2xx.
 //!
-//! At least once: the message is acknowledged only after a 2xx, or after it
-//! is stored as a dead letter. A failed attempt (5xx, 429, another 4xx, a
-//! timeout, a refused or dropped connection) is retried after the next
-//! delay of the retry schedule, or after the `Retry-After` the webhook asked
-//! for; the attempt number is the stream's delivery count, so it survives
-//! restarts. After the last retry, and at once on `410 Gone` (which also
-//! deactivates the webhook) or when the webhook is inactive, deleted, or
-//! refused by the egress policy, the delivery becomes a dead letter on
-//! `DEADLETTERS` and an `integration.webhook.error` event on `EVENTS`.
+//! At least once: a message is acknowledged only after each of its
+//! deliveries got a 2xx, was queued again as a retry, or was stored as a
+//! dead letter. A failed attempt (5xx, 429, another 4xx, a timeout, a
+//! refused or dropped connection) is queued again as a message of its own,
+//! carrying its attempt count and the time before which it is not
+//! attempted: the next delay of the retry schedule, or the `Retry-After` the
+//! webhook asked for. After the last retry, and at once on `410 Gone`
+//! (which also deactivates the webhook) or when the webhook is inactive,
+//! deleted, or refused by the egress policy, the delivery becomes a dead
+//! letter on `DEADLETTERS` and an `integration.webhook.error` event on
+//! `EVENTS`.
 
 use std::sync::Arc;
 use std::time::Duration;
