@@ -156,7 +156,9 @@ impl Timing {
             }
         };
         let Ok(period) = u32::try_from(period) else {
-            return Err(bad(format!("period must be a positive number, not {period}")));
+            return Err(bad(format!(
+                "period must be a positive number, not {period}"
+            )));
         };
         let every = unit.step(period);
         if every < MIN_INTERVAL {
@@ -462,7 +464,10 @@ mod tests {
             timing(ok).unwrap();
         }
         for (body, needle) in [
-            (json!({"scheduleType": "MINUTE", "period": 14}), "15 minutes"),
+            (
+                json!({"scheduleType": "MINUTE", "period": 14}),
+                "15 minutes",
+            ),
             (json!({"scheduleType": "HOUR", "period": 73}), "3 days"),
             (json!({"scheduleType": "DAY", "period": 4}), "3 days"),
             (json!({"scheduleType": "DAY", "period": -1}), "positive"),
@@ -561,7 +566,12 @@ mod tests {
     fn scheduled_event_names_carry_their_entity() {
         let ok = json!({"name": "scheduled.bill.dueSoon", "entity": "Bill"});
         assert_eq!(scheduled_event_name(&ok).unwrap(), "scheduled.bill.dueSoon");
-        for name in ["10 days after", "scheduled.account.x", "scheduled.bill.a.b", "scheduled.bill."] {
+        for name in [
+            "10 days after",
+            "scheduled.account.x",
+            "scheduled.bill.a.b",
+            "scheduled.bill.",
+        ] {
             assert!(
                 scheduled_event_name(&json!({"name": name, "entity": "Bill"})).is_err(),
                 "{name}"

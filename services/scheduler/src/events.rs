@@ -53,7 +53,8 @@ pub fn scheduled_events_bucket(replicas: usize) -> kv::Config {
 }
 
 /// Namespace of scheduled event ids (a fixed, random UUID).
-const EVENT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x1f4c_92ad_35e7_4c1b_a8d2_60b7_e93f_5a14);
+const EVENT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x1f4c_92ad_35e7_4c1b_a8d2_60b7_e93f_5a14);
 
 type EntityKey = (String, String, String);
 
@@ -301,7 +302,8 @@ impl ScheduledEvents {
         self.emitted.remove(&due.key());
         let k = (due.org.clone(), due.config.clone(), due.entity_id.clone());
         if !self.planned.contains_key(&k) {
-            self.queue.insert((due.at, k.0.clone(), k.1.clone(), k.2.clone()));
+            self.queue
+                .insert((due.at, k.0.clone(), k.1.clone(), k.2.clone()));
             self.planned.insert(k, due.at);
         }
     }
@@ -319,8 +321,14 @@ fn config_of(
         ));
     }
     validate_token("id", id).map_err(|e| e.message)?;
-    let entity = state.get("entity").and_then(Value::as_str).unwrap_or_default();
-    let field = state.get("field").and_then(Value::as_str).unwrap_or_default();
+    let entity = state
+        .get("entity")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let field = state
+        .get("field")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let Some(t) = registry::by_display_name(entity).filter(|t| !t.date_fields.is_empty()) else {
         return Err(format!("entity {entity:?} has no date fields"));
     };
@@ -330,7 +338,9 @@ fn config_of(
     let name = scheduled_event_name(state).map_err(|e| e.0)?;
     let offset_days = state.get("offset").and_then(Value::as_i64).unwrap_or(0);
     if offset_days.abs() > 36_500 {
-        return Err(format!("offset {offset_days} is more than a century of days"));
+        return Err(format!(
+            "offset {offset_days} is more than a century of days"
+        ));
     }
     let created = state
         .get("dtCreated")
@@ -398,7 +408,11 @@ impl Emitter {
         let id = due.id();
         let current = self
             .entities
-            .direct_get_last_for_subject(subjects::entity(&due.org, due.entity_type, &due.entity_id))
+            .direct_get_last_for_subject(subjects::entity(
+                &due.org,
+                due.entity_type,
+                &due.entity_id,
+            ))
             .await
             .ok()
             .and_then(|m| serde_json::from_slice::<EntityEvent>(&m.payload).ok())
@@ -480,8 +494,18 @@ mod tests {
             Some(json!({"name": "scheduled.bill.due", "entity": "Bill", "field": "dueDate", "offset": 2, "dtCreated": t0.to_rfc3339()})),
             t0,
         ));
-        s.apply(&ev("bill", "b1", Some(json!({"dueDate": "2026-01-10"})), t0));
-        s.apply(&ev("bill", "old", Some(json!({"dueDate": "2025-06-01"})), t0));
+        s.apply(&ev(
+            "bill",
+            "b1",
+            Some(json!({"dueDate": "2026-01-10"})),
+            t0,
+        ));
+        s.apply(&ev(
+            "bill",
+            "old",
+            Some(json!({"dueDate": "2025-06-01"})),
+            t0,
+        ));
         s.start();
         assert_eq!(s.next_wake(), Some(utc(2026, 1, 12, 0, 0)));
         assert!(s.due(utc(2026, 1, 11, 23, 59)).is_empty());
@@ -489,15 +513,30 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].entity_id, "b1");
         // The same date again (an unrelated edit): nothing new.
-        s.apply(&ev("bill", "b1", Some(json!({"dueDate": "2026-01-10", "x": 1})), t0));
+        s.apply(&ev(
+            "bill",
+            "b1",
+            Some(json!({"dueDate": "2026-01-10", "x": 1})),
+            t0,
+        ));
         assert!(s.due(utc(2026, 2, 1, 0, 0)).is_empty());
         // A later date: a new event.
-        s.apply(&ev("bill", "b1", Some(json!({"dueDate": "2026-02-10T12:00:00Z"})), t0));
+        s.apply(&ev(
+            "bill",
+            "b1",
+            Some(json!({"dueDate": "2026-02-10T12:00:00Z"})),
+            t0,
+        ));
         let d2 = s.due(utc(2026, 3, 1, 0, 0));
         assert_eq!(d2.len(), 1);
         assert_ne!(d2[0].id(), d[0].id());
         // Deleted entities fire no more.
-        s.apply(&ev("bill", "b1", Some(json!({"dueDate": "2026-04-10"})), t0));
+        s.apply(&ev(
+            "bill",
+            "b1",
+            Some(json!({"dueDate": "2026-04-10"})),
+            t0,
+        ));
         s.apply(&ev("bill", "b1", None, t0));
         assert!(s.due(utc(2027, 1, 1, 0, 0)).is_empty());
     }
@@ -508,10 +547,17 @@ mod tests {
         let config = ev(
             CONFIG_TYPE,
             "c1",
-            Some(json!({"name": "scheduled.account.epoch", "entity": "Account", "field": "billEpoch", "offset": 0, "dtCreated": t0.to_rfc3339()})),
+            Some(
+                json!({"name": "scheduled.account.epoch", "entity": "Account", "field": "billEpoch", "offset": 0, "dtCreated": t0.to_rfc3339()}),
+            ),
             t0,
         );
-        let account = ev("account", "a1", Some(json!({"billEpoch": "2026-01-05"})), t0);
+        let account = ev(
+            "account",
+            "a1",
+            Some(json!({"billEpoch": "2026-01-05"})),
+            t0,
+        );
         let mut first = ScheduledEvents::default();
         first.apply(&config);
         first.apply(&account);

@@ -120,7 +120,10 @@ impl App {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<App> {
-        anyhow::ensure!(settings.max_in_flight > 0, "max_in_flight must be at least 1");
+        anyhow::ensure!(
+            settings.max_in_flight > 0,
+            "max_in_flight must be at least 1"
+        );
         let client = bus::connect(&settings.nats, SERVICE_NAME).await?;
         let js = jetstream::new(client.clone());
         let replicas = settings.nats.stream_replicas.max(1);
@@ -400,7 +403,11 @@ impl Engine {
                 refused.extend(self.events.refusals());
                 metrics::gauge!("meterline_scheduler_refused").set(refused.len() as f64);
                 metrics::gauge!("meterline_scheduler_schedules").set(self.schedules.len() as f64);
-                *self.status.refused.lock().unwrap_or_else(|e| e.into_inner()) = refused;
+                *self
+                    .status
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = refused;
             }
         }
         self.tasks.close();
@@ -408,7 +415,9 @@ impl Engine {
             .await
             .is_err()
         {
-            tracing::warn!("writes still in flight at the deadline; the next start requests them again");
+            tracing::warn!(
+                "writes still in flight at the deadline; the next start requests them again"
+            );
         }
         Ok(())
     }

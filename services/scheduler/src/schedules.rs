@@ -72,8 +72,7 @@ struct Schedule {
 /// Characters NATS KV allows in a key token (a job key is `<org>.<job>`).
 pub fn is_key_token(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'/'))
 }
 
@@ -236,7 +235,11 @@ impl Schedules {
                 });
             }
             if is_new || reactivated || timing_changed || s.next.is_none() {
-                s.next = s.timing.as_ref().ok().and_then(|t| t.next_after(created, now));
+                s.next = s
+                    .timing
+                    .as_ref()
+                    .ok()
+                    .and_then(|t| t.next_after(created, now));
             }
         }
         self.report(&key, previous.as_ref().and_then(|p| p.refusal.as_ref()), &s);
@@ -307,7 +310,11 @@ impl Schedules {
             s.refusal = refusal;
             if s.refusal.is_none() && s.active {
                 s.effective_from = now;
-                s.next = s.timing.as_ref().ok().and_then(|t| t.next_after(s.created, now));
+                s.next = s
+                    .timing
+                    .as_ref()
+                    .ok()
+                    .and_then(|t| t.next_after(s.created, now));
                 if let Some(t) = s.next {
                     self.queue.insert((t, key.clone()));
                 }
@@ -360,13 +367,14 @@ impl Schedules {
                         });
                     }
                 }
-                _ if s.start <= now => fires.push(Fire {
+                // Also when this replica's clock is behind the creation
+                // time: the first run is owed either way.
+                _ => fires.push(Fire {
                     org: key.0.clone(),
                     schedule: key.1.clone(),
                     slot: s.start,
                     trigger: Trigger::Immediate,
                 }),
-                _ => {}
             }
             s.next = timing.next_after(s.created, now);
             if let Some(t) = s.next {
@@ -508,13 +516,31 @@ mod tests {
         s.start(c);
         let hourly = sched(json!({"scheduleType": "HOUR", "period": 1}), c, c);
         s.apply(
-            &ev(SCHEDULE_TYPE, "s1", Action::Created, Some(hourly.clone()), None, c),
+            &ev(
+                SCHEDULE_TYPE,
+                "s1",
+                Action::Created,
+                Some(hourly.clone()),
+                None,
+                c,
+            ),
             c,
         );
         let edit = c + Duration::minutes(90);
-        let daily = sched(json!({"scheduleType": "DAY", "period": 1, "offset": 2}), c, edit);
+        let daily = sched(
+            json!({"scheduleType": "DAY", "period": 1, "offset": 2}),
+            c,
+            edit,
+        );
         let f = s.apply(
-            &ev(SCHEDULE_TYPE, "s1", Action::Updated, Some(daily.clone()), Some(hourly.clone()), edit),
+            &ev(
+                SCHEDULE_TYPE,
+                "s1",
+                Action::Updated,
+                Some(daily.clone()),
+                Some(hourly.clone()),
+                edit,
+            ),
             edit,
         );
         assert!(f.is_empty(), "an edit requests no job");
@@ -523,7 +549,14 @@ mod tests {
         // owes only the immediate job (which the writer finds done).
         let mut r = Schedules::default();
         r.apply(
-            &ev(SCHEDULE_TYPE, "s1", Action::Updated, Some(daily.clone()), Some(hourly.clone()), edit),
+            &ev(
+                SCHEDULE_TYPE,
+                "s1",
+                Action::Updated,
+                Some(daily.clone()),
+                Some(hourly.clone()),
+                edit,
+            ),
             edit,
         );
         assert_eq!(
@@ -535,13 +568,35 @@ mod tests {
         let edit2 = utc(2024, 6, 1, 12, 30);
         let mut r = Schedules::default();
         r.apply(
-            &ev(SCHEDULE_TYPE, "s1", Action::Updated, Some(sched(json!({"scheduleType": "HOUR", "period": 1}), c, edit2)), Some(daily), edit2),
+            &ev(
+                SCHEDULE_TYPE,
+                "s1",
+                Action::Updated,
+                Some(sched(
+                    json!({"scheduleType": "HOUR", "period": 1}),
+                    c,
+                    edit2,
+                )),
+                Some(daily),
+                edit2,
+            ),
             edit2,
         );
         assert!(r.start(utc(2024, 6, 1, 12, 45)).is_empty());
         let mut r2 = Schedules::default();
         r2.apply(
-            &ev(SCHEDULE_TYPE, "s1", Action::Updated, Some(sched(json!({"scheduleType": "HOUR", "period": 1}), c, edit2)), Some(hourly), edit2),
+            &ev(
+                SCHEDULE_TYPE,
+                "s1",
+                Action::Updated,
+                Some(sched(
+                    json!({"scheduleType": "HOUR", "period": 1}),
+                    c,
+                    edit2,
+                )),
+                Some(hourly),
+                edit2,
+            ),
             edit2,
         );
         assert_eq!(
@@ -556,23 +611,53 @@ mod tests {
         let mut s = Schedules::default();
         s.start(c);
         let on = sched(json!({"scheduleType": "MINUTE", "period": 30}), c, c);
-        s.apply(&ev(SCHEDULE_TYPE, "s1", Action::Created, Some(on.clone()), None, c), c);
+        s.apply(
+            &ev(
+                SCHEDULE_TYPE,
+                "s1",
+                Action::Created,
+                Some(on.clone()),
+                None,
+                c,
+            ),
+            c,
+        );
         let mut off = on.clone();
         off["active"] = json!(false);
         let t1 = c + Duration::minutes(10);
         assert!(s
-            .apply(&ev(SCHEDULE_TYPE, "s1", Action::Updated, Some(off.clone()), Some(on.clone()), t1), t1)
+            .apply(
+                &ev(
+                    SCHEDULE_TYPE,
+                    "s1",
+                    Action::Updated,
+                    Some(off.clone()),
+                    Some(on.clone()),
+                    t1
+                ),
+                t1
+            )
             .is_empty());
         assert_eq!(s.next_wake(), None);
         assert!(s.due(c + Duration::hours(5)).is_empty());
         let t2 = c + Duration::hours(5);
         let f = s.apply(
-            &ev(SCHEDULE_TYPE, "s1", Action::Updated, Some(on.clone()), Some(off), t2),
+            &ev(
+                SCHEDULE_TYPE,
+                "s1",
+                Action::Updated,
+                Some(on.clone()),
+                Some(off),
+                t2,
+            ),
             t2,
         );
         assert_eq!(slots(&f), [(t2, Trigger::Immediate)]);
         assert_eq!(s.next_wake(), Some(c + Duration::minutes(330)));
-        s.apply(&ev(SCHEDULE_TYPE, "s1", Action::Deleted, None, Some(on), t2), t2);
+        s.apply(
+            &ev(SCHEDULE_TYPE, "s1", Action::Deleted, None, Some(on), t2),
+            t2,
+        );
         assert_eq!(s.next_wake(), None);
         assert!(s.is_empty());
     }
@@ -583,25 +668,68 @@ mod tests {
         let mut s = Schedules::default();
         s.start(c);
         let dest = json!({"name": "d"});
-        s.apply(&ev(DESTINATION_TYPE, "d1", Action::Created, Some(dest.clone()), None, c), c);
-        let body = sched(json!({"scheduleType": "HOUR", "period": 1, "destinationIds": ["d1"]}), c, c);
-        let f = s.apply(&ev(SCHEDULE_TYPE, "ok", Action::Created, Some(body.clone()), None, c), c);
+        s.apply(
+            &ev(
+                DESTINATION_TYPE,
+                "d1",
+                Action::Created,
+                Some(dest.clone()),
+                None,
+                c,
+            ),
+            c,
+        );
+        let body = sched(
+            json!({"scheduleType": "HOUR", "period": 1, "destinationIds": ["d1"]}),
+            c,
+            c,
+        );
+        let f = s.apply(
+            &ev(
+                SCHEDULE_TYPE,
+                "ok",
+                Action::Created,
+                Some(body.clone()),
+                None,
+                c,
+            ),
+            c,
+        );
         assert_eq!(f.len(), 1);
         for (id, bad) in [
             ("fast", json!({"scheduleType": "MINUTE", "period": 5})),
             ("slow", json!({"scheduleType": "DAY", "period": 4})),
-            ("offset", json!({"scheduleType": "MINUTE", "period": 15, "offset": 3})),
+            (
+                "offset",
+                json!({"scheduleType": "MINUTE", "period": 15, "offset": 3}),
+            ),
             ("cronfast", json!({"cronExpression": "* * * * *"})),
             ("cronnever", json!({"cronExpression": "0 0 31 2 *"})),
         ] {
-            let f = s.apply(&ev(SCHEDULE_TYPE, id, Action::Created, Some(sched(bad, c, c)), None, c), c);
+            let f = s.apply(
+                &ev(
+                    SCHEDULE_TYPE,
+                    id,
+                    Action::Created,
+                    Some(sched(bad, c, c)),
+                    None,
+                    c,
+                ),
+                c,
+            );
             assert!(f.is_empty(), "{id} was given a job");
         }
         // The destination goes: the good schedule is refused too.
-        s.apply(&ev(DESTINATION_TYPE, "d1", Action::Deleted, None, Some(dest), c), c);
+        s.apply(
+            &ev(DESTINATION_TYPE, "d1", Action::Deleted, None, Some(dest), c),
+            c,
+        );
         let refused = s.refusals();
         let ids: Vec<&str> = refused.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["cronfast", "cronnever", "fast", "offset", "ok", "slow"]);
+        assert_eq!(
+            ids,
+            ["cronfast", "cronnever", "fast", "offset", "ok", "slow"]
+        );
         assert!(refused[4].reason.contains("deleted"), "{:?}", refused[4]);
         assert!(s.due(c + Duration::days(2)).is_empty());
     }
