@@ -57,6 +57,8 @@ const EVENT_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x1f4c_92ad_35e7_4c1b_a8d2_60b7_e93f_5a14);
 
 type EntityKey = (String, String, String);
+/// An entity's date fields and their instants.
+type Dates = Vec<(&'static str, DateTime<Utc>)>;
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -126,7 +128,7 @@ pub struct ScheduledEvents {
     configs: HashMap<(String, String), Config>,
     refused: HashMap<(String, String), String>,
     /// (org, type) → entity id → its date fields.
-    dates: HashMap<(String, &'static str), HashMap<String, Vec<(&'static str, DateTime<Utc>)>>>,
+    dates: HashMap<(String, &'static str), HashMap<String, Dates>>,
     queue: BTreeSet<(DateTime<Utc>, String, String, String)>,
     /// (org, config, entity) → the instant queued for it.
     planned: HashMap<EntityKey, DateTime<Utc>>,
@@ -179,7 +181,7 @@ impl ScheduledEvents {
         let by_id = self.dates.entry((ev.org_id.clone(), t.name)).or_default();
         match ev.new.as_ref().filter(|_| !ev.is_tombstone()) {
             Some(state) => {
-                let fields: Vec<(&'static str, DateTime<Utc>)> = t
+                let fields: Dates = t
                     .date_fields
                     .iter()
                     .filter_map(|f| state.get(*f).and_then(instant).map(|i| (*f, i)))
