@@ -355,6 +355,8 @@ async fn the_first_run_is_immediate_on_the_wall_clock() {
     let c = created(&s);
     let r = w.wait_record(&id(&s), c).await;
     assert_eq!(r.trigger, Trigger::Immediate);
+    assert_eq!(r.source_type, "OPERATIONAL");
+    assert_eq!(r.schedule_id.as_deref(), Some(id(&s).as_str()));
     let reqs = w.wait_requests(&id(&s), 1).await;
     assert_eq!(reqs[0].slot, c);
     assert_eq!(reqs[0].job_id, exportjob::job_id(ORG, &id(&s), c));
