@@ -24,7 +24,8 @@ use meterline_shared::testkit::{eventually, NatsServer, Running};
 use meterline_shared::{bus, provision, subjects, ServiceError};
 
 const ORG: &str = "org-sched";
-const WAIT: Duration = Duration::from_secs(15);
+/// Generous: the machine may be busy, and every write is flushed to disk.
+const WAIT: Duration = Duration::from_secs(30);
 
 struct World {
     nats: NatsServer,
@@ -424,6 +425,7 @@ async fn an_edit_moves_the_next_slots_and_delete_or_deactivation_stop_them() {
         .schedule("witness", json!({"scheduleType": "MINUTE", "period": 15}))
         .await;
     let oc = created(&other);
+    w.wait_record(&id(&other), oc).await;
     let every15 = Timing::from_body(&other, oc).unwrap();
     let mut last = clock.now();
     for _ in 0..8 {
