@@ -708,6 +708,45 @@ async fn a_schedule_naming_a_deleted_destination_is_refused() {
         .await
         .unwrap_err();
     assert!(e.message.contains("scheduled.bill."), "{}", e.message);
+
+    // A destination deleted after a schedule named it: the scheduler stops
+    // the schedule's jobs and reports it.
+    let clock = ManualClock::new(Utc::now());
+    let (scheduler, admin) = w.start(Arc::new(clock.clone())).await;
+    let dest = w
+        .create("exportdestination", json!({"name": "d2", "code": "d2", "bucketName": "bucket", "iamRoleArn": "arn:aws:iam::123456789012:role/x"}))
+        .await
+        .unwrap();
+    let s = w
+        .schedule(
+            "named",
+            json!({"scheduleType": "MINUTE", "period": 15, "destinationIds": [id(&dest)]}),
+        )
+        .await;
+    let c = created(&s);
+    w.wait_record(&id(&s), c).await;
+    w.delete("exportdestination", &id(&dest)).await;
+    let refused = eventually(WAIT, "the refusal", || async {
+        let r = w.refused(admin).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(refused[0]["id"], id(&s).as_str());
+    assert!(refused[0]["reason"].as_str().unwrap().contains("deleted"));
+    let witness = w
+        .schedule("witness", json!({"scheduleType": "MINUTE", "period": 15}))
+        .await;
+    let wc = created(&witness);
+    w.wait_record(&id(&witness), wc).await;
+    clock.set(wc + chrono::Duration::hours(1));
+    w.wait_record(&id(&witness), wc + chrono::Duration::hours(1))
+        .await;
+    assert_eq!(
+        w.wait_requests(&id(&s), 1).await.len(),
+        1,
+        "only its immediate job"
+    );
+    scheduler.stop().await;
 }
 
 #[tokio::test]
