@@ -68,7 +68,10 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let n = env_usize("BENCH_SCHEDULES", 10_000);
     let spread = Duration::from_secs(30);
     let client = nats.client().await;
-    let js = jetstream::new(client.clone());
+    let mut js = jetstream::new(client.clone());
+    // The machine is shared: a flushed ack may take longer than the
+    // default 5 s when others are busy.
+    js.set_timeout(Duration::from_secs(60));
     meterline_shared::provision::ensure_core(&js, 1).await?;
     println!("scheduler: {n} schedules, their slots spread over {spread:?}");
 
