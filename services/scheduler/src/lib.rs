@@ -394,6 +394,10 @@ impl Engine {
                         self.events.apply(&ev);
                         dirty |= matches!(ev.entity_type.as_str(), SCHEDULE_TYPE | DESTINATION_TYPE | events::CONFIG_TYPE);
                         self.request_all(fires);
+                        // A steady stream of entity changes must not hold
+                        // back due slots (this branch is polled first).
+                        let due = self.schedules.due(now);
+                        self.request_all(due);
                         if events_live {
                             self.emit_due(&failed_tx);
                         }
