@@ -105,6 +105,19 @@ EXTRA_SCHEMAS = {
 }
 
 
+# Meterline's additions to m3ter's own schemas, each marked `x-meterline`.
+ACTIVE = {
+    "type": "boolean",
+    "x-meterline": True,
+    "description": "Meterline: whether the Schedule runs (default true). An inactive Schedule "
+    "gets no export jobs; making it active again runs an export at once, then at its frequency.",
+}
+SCHEMA_ADDITIONS = {
+    "DataExportConfigurationRequestBase": {"active": ACTIVE},
+    "DataExportConfigurationResponseBase": {"active": ACTIVE},
+}
+
+
 def refs(node, out):
     if isinstance(node, dict):
         ref = node.get("$ref")
@@ -161,6 +174,10 @@ def main():
         refs(node, found)
         todo |= found - seen
     doc["components"]["schemas"].update(EXTRA_SCHEMAS)
+    for name, props in SCHEMA_ADDITIONS.items():
+        schema = copy.deepcopy(doc["components"]["schemas"][name])
+        schema["properties"].update(props)
+        doc["components"]["schemas"][name] = schema
     for kind in doc["components"]:
         doc["components"][kind] = dict(sorted(doc["components"][kind].items()))
     json.dump(doc, sys.stdout, indent=1, sort_keys=False)

@@ -10,14 +10,19 @@
 //!   batches with de-duplication on, over the NATS request path and through
 //!   the gateway over HTTP, beside raw JetStream publishes of the same bytes
 //!   in the same grouping; p99 request latency; memory per remembered uid.
+//! - Scheduler ([`scheduler`]): with 10,000 active schedules, the delay from
+//!   a slot to its job request on `JOBS` (p50, p99) beside a bare timer
+//!   publishing at the same times, and CPU while idle between slots beside
+//!   the same process with nothing scheduled.
 //!
 //! The machine is shared and noisy: Meterline and raw runs alternate in
 //! rounds so both see the same background load. Sizes can be set with
-//! `BENCH_ENTITY_OPS`, `BENCH_INGEST_BATCHES` and `BENCH_CONCURRENCY`; `cargo run
+//! `BENCH_ENTITY_OPS`, `BENCH_INGEST_BATCHES`, `BENCH_SCHEDULES` and `BENCH_CONCURRENCY`; `cargo run
 //! --release -p meterline-bench -- ingest` runs only the named parts.
 
 mod entities;
 mod ingest;
+mod scheduler;
 
 use std::time::{Duration, Instant};
 
@@ -149,6 +154,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("ingest") {
         rows.extend(ingest::run(&nats).await?);
+    }
+    if wanted("scheduler") {
+        rows.extend(scheduler::run(&nats).await?);
     }
     println!();
     println!("| figure | Meterline | raw bus | ratio |");

@@ -22,6 +22,7 @@ pub mod exportjob;
 pub mod protocol;
 pub mod provision;
 pub mod registry;
+pub mod schedule;
 pub mod schema;
 pub mod seal;
 pub mod serve;
