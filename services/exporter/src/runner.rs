@@ -504,9 +504,11 @@ impl Runner {
         };
         match config.get("sourceType").and_then(Value::as_str) {
             None | Some("OPERATIONAL") => {}
-            Some(other) => return Err(JobError::Permanent(format!(
+            Some(other) => {
+                return Err(JobError::Permanent(format!(
                 "sourceType {other} exports are not supported; only OPERATIONAL data is exported"
-            ))),
+            )))
+            }
         }
         let types =
             export_types(config.get("operationalDataTypes")).map_err(JobError::Permanent)?;
