@@ -55,6 +55,10 @@ impl World {
         let entities = Running::spawn(|stop| app.run_until_stopped(stop));
         let client = nats.client().await;
         let js = async_nats::jetstream::new(client.clone());
+        // As the scheduler does: jobs can be queued before an exporter runs.
+        for config in [provision::jobs(), provision::exports()] {
+            provision::ensure_stream(&js, config).await.unwrap();
+        }
         let mut w = World {
             nats,
             s3,
@@ -400,4 +404,115 @@ pub fn csv_rows(bytes: &[u8]) -> (Vec<String>, Vec<BTreeMap<String, String>>) {
         })
         .collect();
     (header, rows)
+}
+
+/// What the [`Proxy`] does with bytes going to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Forward,
+    /// Drops the connection once `after` bytes have gone through (counted
+    /// from when the mode was set); back to `Forward` after one cut if
+    /// `once`.
+    Cut {
+        after: u64,
+        once: bool,
+    },
+    /// Stops passing bytes on after `after` bytes, holding the connection
+    /// open, until the mode changes.
+    Hang {
+        after: u64,
+    },
+}
+
+/// A TCP proxy in front of a real server that can cut or stall
+/// connections: a server dying or hanging mid-upload, on demand.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<(Mode, u64)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = std::sync::Arc::new(std::sync::Mutex::new((Mode::Forward, 0u64)));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    });
+                    let mut buf = vec![0u8; 16 * 1024];
+                    'conn: loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let mut sent = 0;
+                        while sent < n {
+                            let (mode, passed) = *state.lock().unwrap();
+                            let allowed = match mode {
+                                Mode::Forward => n - sent,
+                                Mode::Cut { after, once } => {
+                                    if passed + (n - sent) as u64 > after {
+                                        if once {
+                                            *state.lock().unwrap() = (Mode::Forward, 0);
+                                        }
+                                        break 'conn;
+                                    }
+                                    n - sent
+                                }
+                                Mode::Hang { after } => {
+                                    (after.saturating_sub(passed) as usize).min(n - sent)
+                                }
+                            };
+                            if allowed == 0 {
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                                continue;
+                            }
+                            if sw.write_all(&buf[sent..sent + allowed]).await.is_err() {
+                                break 'conn;
+                            }
+                            state.lock().unwrap().1 += allowed as u64;
+                            sent += allowed;
+                        }
+                    }
+                    back.abort();
+                });
+            }
+        });
+        Proxy { addr, state, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, mode: Mode) {
+        *self.state.lock().unwrap() = (mode, 0);
+    }
+
+    /// Bytes passed on since the mode was set.
+    pub fn passed(&self) -> u64 {
+        self.state.lock().unwrap().1
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
