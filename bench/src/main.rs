@@ -10,6 +10,11 @@
 //!   batches with de-duplication on, over the NATS request path and through
 //!   the gateway over HTTP, beside raw JetStream publishes of the same bytes
 //!   in the same grouping; p99 request latency; memory per remembered uid.
+//! - Exports ([`exports`]): rows per second of initial (1,000,000 entities)
+//!   and incremental (100,000 changes) export jobs to the download store and
+//!   to an S3 server, beside a raw ordered-consumer replay of the same
+//!   messages; the exporter's peak memory. `BENCH_EXPORT_ENTITIES`,
+//!   `BENCH_EXPORT_CHANGES` set the sizes.
 //!
 //! The machine is shared and noisy: Meterline and raw runs alternate in
 //! rounds so both see the same background load. Sizes can be set with
@@ -17,6 +22,7 @@
 //! --release -p meterline-bench -- ingest` runs only the named parts.
 
 mod entities;
+mod exports;
 mod ingest;
 
 use std::time::{Duration, Instant};
@@ -149,6 +155,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("ingest") {
         rows.extend(ingest::run(&nats).await?);
+    }
+    if wanted("exports") {
+        rows.extend(exports::run(&nats).await?);
     }
     println!();
     println!("| figure | Meterline | raw bus | ratio |");

@@ -118,9 +118,91 @@ pub enum Outcome {
     Retry(Duration),
 }
 
+/// One kind of file a job writes: an `operationalDataTypes` value.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportKind {
+    /// The `operationalDataTypes` value, e.g. `ACCOUNTS`.
+    pub export_type: &'static str,
+    /// The `type=` of keys and file names, e.g. `account`.
+    pub token: &'static str,
+    /// The entity type whose history is replayed.
+    pub source: &'static EntityType,
+    /// `PRICING_BANDS`: bands live inside pricings; one row per band.
+    pub bands: bool,
+}
+
+/// The `operationalDataTypes` value of pricing bands, which have no
+/// collection of their own.
+pub const PRICING_BANDS: &str = "PRICING_BANDS";
+
+impl ExportKind {
+    fn of(export_type: &str) -> Option<ExportKind> {
+        if export_type == PRICING_BANDS {
+            return Some(ExportKind {
+                export_type: PRICING_BANDS,
+                token: "pricingband",
+                source: registry::get("pricing")?,
+                bands: true,
+            });
+        }
+        let ty = registry::by_export_type(export_type)?;
+        Some(ExportKind {
+            export_type: ty.export_type?,
+            token: ty.name,
+            source: ty,
+            bands: false,
+        })
+    }
+
+    /// The columns of this kind's CSV files (before `deleted`).
+    pub fn columns(&self) -> Vec<String> {
+        if self.bands {
+            let mut cols: Vec<String> = schema::columns("PricingBand")
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            cols.extend(["pricingId".to_owned(), "bandType".to_owned()]);
+            return cols;
+        }
+        columns(self.source)
+    }
+
+    /// The rows a version of the source entity stands for.
+    fn expand(&self, row: Row) -> Vec<Row> {
+        if !self.bands {
+            return vec![row];
+        }
+        let pricing = row.state.get("id").cloned().unwrap_or(Value::Null);
+        let mut out = Vec::new();
+        for (field, kind) in [
+            ("pricingBands", "PRICING"),
+            ("overagePricingBands", "OVERAGE"),
+        ] {
+            for band in row
+                .state
+                .get(field)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(mut state) = band.as_object().cloned() else {
+                    continue;
+                };
+                state.insert("pricingId".into(), pricing.clone());
+                state.insert("bandType".into(), Value::String(kind.into()));
+                out.push(Row {
+                    state,
+                    deleted: row.deleted,
+                });
+            }
+        }
+        out
+    }
+}
+
 /// What one job exports, resolved from its schedule or ad-hoc request.
 struct Spec {
-    types: Vec<&'static EntityType>,
+    types: Vec<ExportKind>,
     format: Format,
     destinations: Vec<Box<dyn Destination>>,
     /// Ad-hoc `startDate`: only entities modified since.
@@ -154,26 +236,27 @@ fn now() -> DateTime<Utc> {
 }
 
 /// The operational data type names a request gives, checked.
-pub fn export_types(value: Option<&Value>) -> Result<Vec<&'static EntityType>, String> {
+pub fn export_types(value: Option<&Value>) -> Result<Vec<ExportKind>, String> {
     let list = value
         .and_then(Value::as_array)
         .filter(|a| !a.is_empty())
         .ok_or("operationalDataTypes must list at least one entity type")?;
-    let mut out: Vec<&'static EntityType> = Vec::new();
+    let mut out: Vec<ExportKind> = Vec::new();
     for v in list {
         let name = v.as_str().unwrap_or_default();
-        let ty = registry::by_export_type(name).ok_or_else(|| {
-            let known: Vec<&str> = registry::REGISTRY
+        let kind = ExportKind::of(name).ok_or_else(|| {
+            let mut known: Vec<&str> = registry::REGISTRY
                 .iter()
                 .filter_map(|t| t.export_type)
                 .collect();
+            known.push(PRICING_BANDS);
             format!(
                 "entity type {v} cannot be exported; operationalDataTypes may hold {}",
                 known.join(", ")
             )
         })?;
-        if !out.iter().any(|t| t.name == ty.name) {
-            out.push(ty);
+        if !out.iter().any(|t| t.export_type == kind.export_type) {
+            out.push(kind);
         }
     }
     Ok(out)
@@ -803,50 +886,49 @@ impl Runner {
         Ok(all)
     }
 
-    /// One entity type's file (and its parts) to every destination.
+    /// One kind's file (and its parts) to every destination.
     async fn deliver_type(
         &self,
         req: &ExportJobRequest,
         spec: &Spec,
-        ty: &'static EntityType,
+        ty: &ExportKind,
         window: Window,
         cancel: &CancellationToken,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
         let (tx, mut rx) = mpsc::channel::<Row>(4096);
         let stream = self.inner.entities.clone();
-        let (org, name) = (req.org_id.clone(), ty.name);
+        let (org, name) = (req.org_id.clone(), ty.source.name);
         let stop = cancel.child_token();
-        let reader = {
+        let mut reader = {
             let stop = stop.clone();
             tokio::spawn(
                 async move { replay::replay(&stream, &org, name, window, &tx, &stop).await },
             )
         };
-        let written = self.write_parts(req, spec, ty, &mut rx, progress).await;
+        let written = self
+            .write_parts(req, spec, ty, &mut rx, &mut reader, progress)
+            .await;
         drop(rx);
         if written.is_err() {
             stop.cancel();
+            reader.abort();
         }
-        let read = reader
-            .await
-            .map_err(|e| JobError::Transient(format!("the replay stopped: {e}")))?;
-        let delivered = written?;
-        read?;
-        Ok(delivered)
+        written
     }
 
     async fn write_parts(
         &self,
         req: &ExportJobRequest,
         spec: &Spec,
-        ty: &'static EntityType,
+        ty: &ExportKind,
         rows: &mut mpsc::Receiver<Row>,
+        reader: &mut tokio::task::JoinHandle<Result<u64, ReplayError>>,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
         let settings = &self.inner.settings;
-        let cols = columns(ty);
-        let type_token = ty.name;
+        let cols = ty.columns();
+        let type_token = ty.token;
         let ext = spec.format.extension(settings.gzip);
         let content_type = spec.format.content_type(settings.gzip);
         let mut out = Delivered {
@@ -857,38 +939,52 @@ impl Runner {
         let mut part = 1u32;
         let mut file = PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
         let mut enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
-        while let Some(mut row) = rows.recv().await {
+        let secrets = ty.source.secrets;
+        while let Some(mut source_row) = rows.recv().await {
             if let Some(since) = spec.since {
-                if !modified_since(&row, since) {
+                if !modified_since(&source_row, since) {
                     continue;
                 }
             }
-            if !ty.secrets.is_empty() {
-                let mut v = Value::Object(std::mem::take(&mut row.state));
-                seal::mask_fields(ty.secrets, &mut v);
+            if !secrets.is_empty() {
+                let mut v = Value::Object(std::mem::take(&mut source_row.state));
+                seal::mask_fields(secrets, &mut v);
                 if let Value::Object(m) = v {
-                    row.state = m;
+                    source_row.state = m;
                 }
             }
-            let n = enc.encode(&row) as u64;
-            if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
-                let last = enc.finish();
-                file.write(Bytes::from(last)).await?;
-                let rows_in_part = file.rows;
-                out.push(file.finish(ty, rows_in_part).await?);
-                part += 1;
-                file = PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
-                enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
-                enc.encode(&row);
+            for row in ty.expand(source_row) {
+                let n = enc.encode(&row) as u64;
+                if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
+                    let last = enc.finish();
+                    file.write(Bytes::from(last)).await?;
+                    let rows_in_part = file.rows;
+                    out.push(file.finish(ty, rows_in_part).await?);
+                    part += 1;
+                    file =
+                        PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
+                    enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
+                    enc.encode(&row);
+                }
+                enc.push_encoded();
+                file.rows += 1;
+                if let Some(chunk) = enc.take(CHUNK_BYTES) {
+                    progress.add(0, chunk.len() as u64);
+                    file.write(Bytes::from(chunk)).await?;
+                }
+                progress.add(1, 0);
             }
-            enc.push_encoded();
-            file.rows += 1;
-            if let Some(chunk) = enc.take(CHUNK_BYTES) {
-                progress.add(0, chunk.len() as u64);
-                file.write(Bytes::from(chunk)).await?;
-            }
-            progress.add(1, 0);
             progress.maybe_save().await;
+        }
+        // The last part is completed only if the replay ended well: a
+        // partial file never becomes visible under its final name.
+        let read = match reader.await {
+            Ok(r) => r.map_err(JobError::from),
+            Err(e) => Err(JobError::Transient(format!("the replay stopped: {e}"))),
+        };
+        if let Err(e) = read {
+            file.abort().await;
+            return Err(e);
         }
         let last = enc.finish();
         progress.add(0, last.len() as u64);
@@ -986,10 +1082,16 @@ impl PartWriter {
         Ok(())
     }
 
+    async fn abort(self) {
+        for u in self.uploads {
+            u.abort().await;
+        }
+    }
+
     /// Completes the part everywhere: its files, rows and bytes.
     async fn finish(
         self,
-        ty: &EntityType,
+        ty: &ExportKind,
         rows: u64,
     ) -> Result<(Vec<ExportFile>, u64, u64), JobError> {
         let sha = hex(&self.hash.finalize());
@@ -998,7 +1100,7 @@ impl PartWriter {
             .into_iter()
             .map(|uri| ExportFile {
                 uri,
-                entity_type: ty.export_type.unwrap_or(ty.name).to_owned(),
+                entity_type: ty.export_type.to_owned(),
                 rows,
                 bytes: self.bytes,
                 sha256: sha.clone(),
@@ -1107,15 +1209,43 @@ mod tests {
 
     #[test]
     fn export_types_are_checked_against_the_registry() {
-        let ok = export_types(Some(&json!(["ACCOUNTS", "BILLS", "ACCOUNTS"]))).unwrap();
+        let ok = export_types(Some(&json!([
+            "ACCOUNTS",
+            "BILLS",
+            "ACCOUNTS",
+            "PRICING_BANDS"
+        ])))
+        .unwrap();
         assert_eq!(
-            ok.iter().map(|t| t.name).collect::<Vec<_>>(),
-            ["account", "bill"]
+            ok.iter().map(|t| t.token).collect::<Vec<_>>(),
+            ["account", "bill", "pricingband"]
         );
         let err = export_types(Some(&json!(["WIDGETS"]))).unwrap_err();
         assert!(err.contains("WIDGETS") && err.contains("ACCOUNTS"), "{err}");
         assert!(export_types(Some(&json!([]))).is_err());
         assert!(export_types(None).is_err());
+    }
+
+    #[test]
+    fn pricing_bands_are_one_row_per_band_with_their_pricing() {
+        let kind = ExportKind::of(PRICING_BANDS).unwrap();
+        assert_eq!(kind.source.name, "pricing");
+        let state = json!({"id": "p1",
+            "pricingBands": [{"id": "b1", "lowerLimit": 0, "fixedPrice": 0, "unitPrice": 1.5},
+                             {"id": "b2", "lowerLimit": 100, "fixedPrice": 0, "unitPrice": 1}],
+            "overagePricingBands": [{"id": "b3", "lowerLimit": 0, "fixedPrice": 5, "unitPrice": 2}]});
+        let rows = kind.expand(Row {
+            state: state.as_object().unwrap().clone(),
+            deleted: true,
+        });
+        assert_eq!(rows.len(), 3);
+        assert!(rows
+            .iter()
+            .all(|r| r.deleted && r.state["pricingId"] == "p1"));
+        assert_eq!(rows[2].state["bandType"], "OVERAGE");
+        let cols = kind.columns();
+        assert_eq!(&cols[..2], ["id", "lowerLimit"]);
+        assert!(cols.ends_with(&["pricingId".to_owned(), "bandType".to_owned()]));
     }
 
     #[test]
