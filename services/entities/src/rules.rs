@@ -8,6 +8,8 @@
 //! scheduler refuses exactly what is refused here. Scheduled event
 //! configurations: `entity` and `field` name a date field the registry
 //! knows, and `name` reads `scheduled.<entity>.<event name>`.
+//! S3 export destinations: an `iamRoleArn`, or static `accessKeyId` and
+//! `secretAccessKey` (both or neither).
 
 use chrono::Utc;
 use serde_json::Value;
@@ -21,6 +23,30 @@ pub fn check(ty: &str, body: &Value) -> Result<(), ServiceError> {
         "exportschedule" => check_schedule(body),
         "meter" => check_meter(body),
         "scheduledeventconfig" => check_scheduled_event(body),
+        "exportdestination" => check_destination(body),
+        _ => Ok(()),
+    }
+}
+
+fn check_destination(body: &Value) -> Result<(), ServiceError> {
+    if body.get("destinationType").and_then(Value::as_str) == Some("GCS") {
+        return Ok(());
+    }
+    let has = |f: &str| {
+        body.get(f)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.trim().is_empty())
+    };
+    match (has("accessKeyId"), has("secretAccessKey")) {
+        (true, false) => Err(ServiceError::bad_request(
+            "secretAccessKey: required with accessKeyId",
+        )),
+        (false, true) => Err(ServiceError::bad_request(
+            "accessKeyId: required with secretAccessKey",
+        )),
+        (false, false) if !has("iamRoleArn") => Err(ServiceError::bad_request(
+            "iamRoleArn: required unless accessKeyId and secretAccessKey are given",
+        )),
         _ => Ok(()),
     }
 }
