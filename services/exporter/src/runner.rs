@@ -168,18 +168,19 @@ impl ExportKind {
     }
 
     /// The rows a version of the source entity stands for.
-    fn expand(&self, row: Row) -> Vec<Row> {
+    fn expand(&self, mut row: Row) -> Vec<Row> {
         if !self.bands {
             return vec![row];
         }
-        let pricing = row.state.get("id").cloned().unwrap_or(Value::Null);
+        let deleted = row.deleted;
+        let state = row.map();
+        let pricing = state.get("id").cloned().unwrap_or(Value::Null);
         let mut out = Vec::new();
         for (field, kind) in [
             ("pricingBands", "PRICING"),
             ("overagePricingBands", "OVERAGE"),
         ] {
-            for band in row
-                .state
+            for band in state
                 .get(field)
                 .and_then(Value::as_array)
                 .into_iter()
@@ -190,10 +191,7 @@ impl ExportKind {
                 };
                 state.insert("pricingId".into(), pricing.clone());
                 state.insert("bandType".into(), Value::String(kind.into()));
-                out.push(Row {
-                    state,
-                    deleted: row.deleted,
-                });
+                out.push(Row::parsed(state, deleted));
             }
         }
         out
@@ -942,15 +940,16 @@ impl Runner {
         let secrets = ty.source.secrets;
         while let Some(mut source_row) = rows.recv().await {
             if let Some(since) = spec.since {
-                if !modified_since(&source_row, since) {
+                if !modified_since(&mut source_row, since) {
                     continue;
                 }
             }
             if !secrets.is_empty() {
-                let mut v = Value::Object(std::mem::take(&mut source_row.state));
+                let state = source_row.map();
+                let mut v = Value::Object(std::mem::take(state));
                 seal::mask_fields(secrets, &mut v);
                 if let Value::Object(m) = v {
-                    source_row.state = m;
+                    *state = m;
                 }
             }
             for row in ty.expand(source_row) {
@@ -1003,10 +1002,11 @@ impl Delivered {
     }
 }
 
-fn modified_since(row: &Row, since: DateTime<Utc>) -> bool {
+fn modified_since(row: &mut Row, since: DateTime<Utc>) -> bool {
+    let state = row.map();
     ["dtLastModified", "dtCreated"]
         .iter()
-        .filter_map(|f| row.state.get(*f).and_then(Value::as_str))
+        .filter_map(|f| state.get(*f).and_then(Value::as_str))
         .filter_map(|s| DateTime::parse_from_rfc3339(s).ok())
         .any(|t| t.with_timezone(&Utc) >= since)
 }
@@ -1234,15 +1234,12 @@ mod tests {
             "pricingBands": [{"id": "b1", "lowerLimit": 0, "fixedPrice": 0, "unitPrice": 1.5},
                              {"id": "b2", "lowerLimit": 100, "fixedPrice": 0, "unitPrice": 1}],
             "overagePricingBands": [{"id": "b3", "lowerLimit": 0, "fixedPrice": 5, "unitPrice": 2}]});
-        let rows = kind.expand(Row {
-            state: state.as_object().unwrap().clone(),
-            deleted: true,
-        });
+        let mut rows = kind.expand(Row::parsed(state.as_object().unwrap().clone(), true));
         assert_eq!(rows.len(), 3);
         assert!(rows
-            .iter()
-            .all(|r| r.deleted && r.state["pricingId"] == "p1"));
-        assert_eq!(rows[2].state["bandType"], "OVERAGE");
+            .iter_mut()
+            .all(|r| r.deleted && r.map()["pricingId"] == "p1"));
+        assert_eq!(rows[2].map()["bandType"], "OVERAGE");
         let cols = kind.columns();
         assert_eq!(&cols[..2], ["id", "lowerLimit"]);
         assert!(cols.ends_with(&["pricingId".to_owned(), "bandType".to_owned()]));
