@@ -79,10 +79,10 @@ async fn write(
     let mut acks = futures::stream::FuturesUnordered::new();
     for ev in events {
         let subject = subjects::entity(ORG, &ev.entity_type, &ev.entity_id);
-        acks.push(
-            js.publish(subject, Bytes::from(serde_json::to_vec(&ev)?))
-                .await?,
-        );
+        let ack = js
+            .publish(subject, Bytes::from(serde_json::to_vec(&ev)?))
+            .await?;
+        acks.push(async move { ack.await });
         while acks.len() >= 4096 {
             if let Some(a) = acks.next().await {
                 a?;
