@@ -12,8 +12,9 @@
 
 use std::io::Write;
 
-use std::collections::HashMap;
+use std::marker::PhantomData;
 
+use bytes::Bytes;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::value::RawValue;
@@ -71,13 +72,67 @@ pub struct Row {
     pub deleted: bool,
 }
 
-/// An entity's state: the JSON object as stored (written out without being
-/// taken apart, the fast path), or parsed (when something must be looked
-/// at or changed).
+/// An entity's state: inside the stored entity event (its `new`, or its
+/// `old` for tombstones and states as of an earlier sequence), written out
+/// straight from the event's bytes (the fast path); or parsed, when
+/// something must be looked at or changed.
 #[derive(Debug, Clone)]
 pub enum State {
-    Raw(Box<RawValue>),
+    /// The message payload, shared with the message (no copy).
+    Event {
+        payload: Bytes,
+        from_old: bool,
+    },
     Parsed(Map<String, Value>),
+}
+
+/// The two states of an entity event, each read as `T`.
+#[derive(serde::Deserialize)]
+struct Sides<T> {
+    #[serde(default = "none")]
+    new: Option<T>,
+    #[serde(default = "none")]
+    old: Option<T>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+impl<T> Sides<T> {
+    fn side(self, from_old: bool) -> Option<T> {
+        if from_old {
+            self.old
+        } else {
+            self.new
+        }
+    }
+}
+
+/// An object's fields in document order, borrowed from the text.
+struct Fields<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields<'a>, A::Error> {
+                let mut fields = Vec::with_capacity(32);
+                while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Visit(PhantomData))
+    }
 }
 
 impl Row {
@@ -90,13 +145,16 @@ impl Row {
 
     /// The state as a map, parsed on first use.
     pub fn map(&mut self) -> &mut Map<String, Value> {
-        if let State::Raw(raw) = &self.state {
-            let parsed = serde_json::from_str(raw.get()).unwrap_or_default();
+        if let State::Event { payload, from_old } = &self.state {
+            let parsed = serde_json::from_slice::<Sides<Map<String, Value>>>(payload)
+                .ok()
+                .and_then(|s| s.side(*from_old))
+                .unwrap_or_default();
             self.state = State::Parsed(parsed);
         }
         match &mut self.state {
             State::Parsed(m) => m,
-            State::Raw(_) => unreachable!("parsed above"),
+            State::Event { .. } => unreachable!("parsed above"),
         }
     }
 }
@@ -178,14 +236,21 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
             out.extend_from_slice(deleted);
             out.extend_from_slice(b"\r\n");
         }
-        (Format::Csv, State::Raw(raw)) => {
+        (Format::Csv, State::Event { payload, from_old }) => {
             // Field names of stored entities have no escapes; anything else
             // takes the parsed path.
-            match serde_json::from_str::<HashMap<&str, &RawValue>>(raw.get()) {
-                Ok(fields) => {
+            let fields = serde_json::from_slice::<Sides<Fields>>(payload)
+                .map(|s| s.side(*from_old).unwrap_or(Fields(Vec::new())));
+            match fields {
+                Ok(Fields(fields)) => {
+                    // Columns and fields are mostly in the same order: look
+                    // from where the last one was found.
+                    let mut hint = 0;
                     for c in columns {
-                        if let Some(v) = fields.get(c.as_str()) {
-                            csv_raw(out, v.get());
+                        let n = fields.len();
+                        if let Some(i) = (hint..n).chain(0..hint).find(|&i| fields[i].0 == c) {
+                            csv_raw(out, fields[i].1.get());
+                            hint = i + 1;
                         }
                         out.push(b',');
                     }
@@ -206,9 +271,12 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
             let _ = serde_json::to_writer(&mut *out, &obj);
             out.push(b'\n');
         }
-        (Format::Jsonl, State::Raw(raw)) => {
+        (Format::Jsonl, State::Event { payload, from_old }) => {
             // The stored object with `"deleted"` added before its `}`.
-            let text = raw.get().trim_end();
+            let raw = serde_json::from_slice::<Sides<&RawValue>>(payload)
+                .ok()
+                .and_then(|s| s.side(*from_old));
+            let text = raw.map(RawValue::get).unwrap_or("{}").trim_end();
             let body = text.strip_suffix('}').unwrap_or(text).trim_end();
             out.extend_from_slice(body.as_bytes());
             if !body.ends_with('{') {
@@ -330,8 +398,16 @@ mod tests {
     }
 
     fn raw(v: &Value, deleted: bool) -> Row {
+        let event = if deleted {
+            json!({"action": "deleted", "new": null, "old": v})
+        } else {
+            json!({"action": "updated", "old": {"id": "older"}, "new": v})
+        };
         Row {
-            state: State::Raw(RawValue::from_string(v.to_string()).unwrap()),
+            state: State::Event {
+                payload: Bytes::from(event.to_string()),
+                from_old: deleted,
+            },
             deleted,
         }
     }

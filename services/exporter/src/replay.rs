@@ -25,11 +25,11 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use meterline_shared::envelope::Action;
+use bytes::Bytes;
+use meterline_shared::envelope::{Action, HEADER_ACTION};
 use meterline_shared::subjects;
 
 use crate::format::{Row, State};
@@ -60,39 +60,40 @@ pub struct Window {
     pub to: u64,
 }
 
-/// The parts of an entity event an export reads.
-#[derive(Deserialize)]
-struct Slim<'a> {
-    action: Action,
-    #[serde(default, borrow)]
-    new: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    old: Option<&'a RawValue>,
-}
+/// Rows go to the writer in batches of this many.
+const BATCH: usize = 256;
 
-/// A stored state, kept as its JSON text; `None` unless an object.
-fn object(raw: Option<&RawValue>) -> Option<State> {
-    let raw = raw?;
-    raw.get()
-        .trim_start()
-        .starts_with('{')
-        .then(|| State::Raw(raw.to_owned()))
+/// The action of a stored entity event: from its header, else its body.
+fn action_of(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<Action> {
+    match headers
+        .and_then(|h| h.get(HEADER_ACTION))
+        .map(|v| v.as_str())
+    {
+        Some("created") => return Some(Action::Created),
+        Some("updated") => return Some(Action::Updated),
+        Some("deleted") => return Some(Action::Deleted),
+        _ => {}
+    }
+    #[derive(Deserialize)]
+    struct Only {
+        action: Action,
+    }
+    serde_json::from_slice::<Only>(payload)
+        .ok()
+        .map(|o| o.action)
 }
 
 /// The row a version stands for: its state, or for a tombstone its last
-/// state marked deleted.
-fn row_of(payload: &[u8]) -> Option<Row> {
-    let ev: Slim = serde_json::from_slice(payload).ok()?;
-    match ev.action {
-        Action::Deleted => object(ev.old).map(|state| Row {
-            state,
-            deleted: true,
-        }),
-        _ => object(ev.new).map(|state| Row {
-            state,
-            deleted: false,
-        }),
-    }
+/// state marked deleted. The message's bytes are kept as they are.
+fn row_of(headers: Option<&async_nats::HeaderMap>, payload: &Bytes) -> Option<Row> {
+    let deleted = action_of(headers, payload)? == Action::Deleted;
+    Some(Row {
+        state: State::Event {
+            payload: payload.clone(),
+            from_old: deleted,
+        },
+        deleted,
+    })
 }
 
 /// Sends every row of `entity_type` in `window` to `rows`; returns how many.
@@ -101,17 +102,51 @@ pub async fn replay(
     org: &str,
     entity_type: &str,
     window: Window,
-    rows: &mpsc::Sender<Row>,
+    rows: &mpsc::Sender<Vec<Row>>,
     cancel: &CancellationToken,
 ) -> Result<u64, ReplayError> {
+    let mut out = Out {
+        tx: rows,
+        buf: Vec::with_capacity(BATCH),
+        sent: 0,
+    };
     match window.from {
-        None => initial(stream, org, entity_type, window.to, rows, cancel).await,
-        Some(from) => incremental(stream, org, entity_type, from, window.to, rows, cancel).await,
+        None => initial(stream, org, entity_type, window.to, &mut out, cancel).await?,
+        Some(from) => {
+            incremental(stream, org, entity_type, from, window.to, &mut out, cancel).await?
+        }
     }
+    out.flush().await?;
+    Ok(out.sent)
 }
 
-async fn send(rows: &mpsc::Sender<Row>, row: Row) -> Result<(), ReplayError> {
-    rows.send(row).await.map_err(|_| ReplayError::WriterGone)
+/// Rows on their way to the writer, sent a batch at a time.
+struct Out<'a> {
+    tx: &'a mpsc::Sender<Vec<Row>>,
+    buf: Vec<Row>,
+    sent: u64,
+}
+
+impl Out<'_> {
+    async fn push(&mut self, row: Row) -> Result<(), ReplayError> {
+        self.buf.push(row);
+        self.sent += 1;
+        if self.buf.len() >= BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplayError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH));
+        self.tx
+            .send(batch)
+            .await
+            .map_err(|_| ReplayError::WriterGone)
+    }
 }
 
 async fn initial(
@@ -119,11 +154,11 @@ async fn initial(
     org: &str,
     entity_type: &str,
     to: u64,
-    rows: &mpsc::Sender<Row>,
+    out: &mut Out<'_>,
     cancel: &CancellationToken,
-) -> Result<u64, ReplayError> {
+) -> Result<(), ReplayError> {
     if to == 0 {
-        return Ok(0);
+        return Ok(());
     }
     let filter = subjects::entity_type_filter(org, entity_type);
     let consumer = stream
@@ -144,9 +179,8 @@ async fn initial(
     let snapshot = consumer.cached_info().num_pending;
     let name = consumer.cached_info().name.clone();
     let result = async {
-        let mut sent = 0u64;
         if snapshot == 0 {
-            return Ok(0);
+            return Ok(());
         }
         let mut messages = consumer
             .stream()
@@ -170,20 +204,19 @@ async fn initial(
             let info = msg.info().map_err(bus)?;
             let (seq, pending) = (info.stream_sequence, info.pending);
             let row = if seq <= to {
-                row_of(&msg.payload).filter(|r| !r.deleted)
+                row_of(msg.headers.as_ref(), &msg.payload).filter(|r| !r.deleted)
             } else {
                 // Changed since S: export it as it was at S, if it was live.
                 as_of(stream, msg.subject.as_str(), to).await?
             };
             if let Some(row) = row {
-                send(rows, row).await?;
-                sent += 1;
+                out.push(row).await?;
             }
             if pending == 0 {
                 break;
             }
         }
-        Ok(sent)
+        Ok(())
     }
     .await;
     let _ = stream.delete_consumer(&name).await;
@@ -201,17 +234,16 @@ async fn as_of(stream: &Stream, subject: &str, at: u64) -> Result<Option<Row>, R
         Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
         Err(e) => return Err(bus(e)),
     };
-    let ev: Slim = match serde_json::from_slice(&next.payload) {
-        Ok(ev) => ev,
-        Err(_) => return Ok(None),
-    };
-    if ev.action == Action::Created {
-        return Ok(None);
+    match action_of(Some(&next.headers), &next.payload) {
+        None | Some(Action::Created) => Ok(None),
+        Some(_) => Ok(Some(Row {
+            state: State::Event {
+                payload: next.payload,
+                from_old: true,
+            },
+            deleted: false,
+        })),
     }
-    Ok(object(ev.old).map(|state| Row {
-        state,
-        deleted: false,
-    }))
 }
 
 /// Whether `subject` has a version after `seq` and at or before `to`.
@@ -240,11 +272,11 @@ async fn incremental(
     entity_type: &str,
     from: u64,
     to: u64,
-    rows: &mpsc::Sender<Row>,
+    out: &mut Out<'_>,
     cancel: &CancellationToken,
-) -> Result<u64, ReplayError> {
+) -> Result<(), ReplayError> {
     if from >= to {
-        return Ok(0);
+        return Ok(());
     }
     let filter = subjects::entity_type_filter(org, entity_type);
     // Nothing of this type in the window: no consumer needed.
@@ -253,8 +285,8 @@ async fn incremental(
         .await
     {
         Ok(m) if m.sequence <= to => {}
-        Ok(_) => return Ok(0),
-        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(0),
+        Ok(_) => return Ok(()),
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
         Err(e) => return Err(bus(e)),
     }
     let consumer = stream
@@ -271,7 +303,6 @@ async fn incremental(
     let mut messages = consumer.messages().await.map_err(bus)?;
     let mut checks = futures::stream::FuturesOrdered::new();
     let mut waiting: VecDeque<async_nats::jetstream::Message> = VecDeque::new();
-    let mut sent = 0u64;
     let mut done = false;
     loop {
         // Keep up to CHECKS_IN_FLIGHT checks running; emit in order.
@@ -303,13 +334,12 @@ async fn incremental(
             .pop_front()
             .ok_or_else(|| ReplayError::Bus("replay bookkeeping lost a message".into()))?;
         if !result? {
-            if let Some(row) = row_of(&msg.payload) {
-                send(rows, row).await?;
-                sent += 1;
+            if let Some(row) = row_of(msg.headers.as_ref(), &msg.payload) {
+                out.push(row).await?;
             }
         }
     }
-    Ok(sent)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -319,12 +349,12 @@ mod tests {
     #[test]
     fn tombstones_become_their_last_state_marked_deleted() {
         let del = br#"{"id":"e","eventName":"x","eventTime":"2026-01-01T00:00:00Z","orgId":"o","entityType":"account","entityId":"a","action":"deleted","actor":"t","new":null,"old":{"id":"a","name":"A"}}"#;
-        let mut row = row_of(del).unwrap();
+        let mut row = row_of(None, &Bytes::from_static(del)).unwrap();
         assert!(row.deleted);
         assert_eq!(row.map()["name"], "A");
         let upd =
             br#"{"action":"updated","new":{"id":"a","name":"B"},"old":{"id":"a","name":"A"}}"#;
-        let mut row = row_of(upd).unwrap();
+        let mut row = row_of(None, &Bytes::from_static(upd)).unwrap();
         assert!(!row.deleted);
         assert_eq!(row.map()["name"], "B");
     }

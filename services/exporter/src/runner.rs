@@ -894,7 +894,7 @@ impl Runner {
         cancel: &CancellationToken,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
-        let (tx, mut rx) = mpsc::channel::<Row>(4096);
+        let (tx, mut rx) = mpsc::channel::<Vec<Row>>(16);
         let stream = self.inner.entities.clone();
         let (org, name) = (req.org_id.clone(), ty.source.name);
         let stop = cancel.child_token();
@@ -920,7 +920,7 @@ impl Runner {
         req: &ExportJobRequest,
         spec: &Spec,
         ty: &ExportKind,
-        rows: &mut mpsc::Receiver<Row>,
+        rows: &mut mpsc::Receiver<Vec<Row>>,
         reader: &mut tokio::task::JoinHandle<Result<u64, ReplayError>>,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
@@ -938,40 +938,42 @@ impl Runner {
         let mut file = PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
         let mut enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
         let secrets = ty.source.secrets;
-        while let Some(mut source_row) = rows.recv().await {
-            if let Some(since) = spec.since {
-                if !modified_since(&mut source_row, since) {
-                    continue;
+        while let Some(batch) = rows.recv().await {
+            for mut source_row in batch {
+                if let Some(since) = spec.since {
+                    if !modified_since(&mut source_row, since) {
+                        continue;
+                    }
                 }
-            }
-            if !secrets.is_empty() {
-                let state = source_row.map();
-                let mut v = Value::Object(std::mem::take(state));
-                seal::mask_fields(secrets, &mut v);
-                if let Value::Object(m) = v {
-                    *state = m;
+                if !secrets.is_empty() {
+                    let state = source_row.map();
+                    let mut v = Value::Object(std::mem::take(state));
+                    seal::mask_fields(secrets, &mut v);
+                    if let Value::Object(m) = v {
+                        *state = m;
+                    }
                 }
-            }
-            for row in ty.expand(source_row) {
-                let n = enc.encode(&row) as u64;
-                if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
-                    let last = enc.finish();
-                    file.write(Bytes::from(last)).await?;
-                    let rows_in_part = file.rows;
-                    out.push(file.finish(ty, rows_in_part).await?);
-                    part += 1;
-                    file =
-                        PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
-                    enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
-                    enc.encode(&row);
+                for row in ty.expand(source_row) {
+                    let n = enc.encode(&row) as u64;
+                    if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
+                        let last = enc.finish();
+                        file.write(Bytes::from(last)).await?;
+                        let rows_in_part = file.rows;
+                        out.push(file.finish(ty, rows_in_part).await?);
+                        part += 1;
+                        file = PartWriter::begin(spec, req, type_token, part, ext, content_type)
+                            .await?;
+                        enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
+                        enc.encode(&row);
+                    }
+                    enc.push_encoded();
+                    file.rows += 1;
+                    if let Some(chunk) = enc.take(CHUNK_BYTES) {
+                        progress.add(0, chunk.len() as u64);
+                        file.write(Bytes::from(chunk)).await?;
+                    }
+                    progress.add(1, 0);
                 }
-                enc.push_encoded();
-                file.rows += 1;
-                if let Some(chunk) = enc.take(CHUNK_BYTES) {
-                    progress.add(0, chunk.len() as u64);
-                    file.write(Bytes::from(chunk)).await?;
-                }
-                progress.add(1, 0);
             }
             progress.maybe_save().await;
         }
