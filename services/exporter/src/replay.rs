@@ -13,10 +13,13 @@
 //!   first version after `S`.
 //! - Incremental export: an ordered consumer replays the window, filtered to
 //!   the type. A version is exported only if it is its entity's last one up
-//!   to `S`, which one direct get (`next_by_subj` after it) tells; the checks
-//!   run many at a time, so the replay does not wait on each. Nothing is kept
-//!   per entity: memory is constant whatever the window holds. A tombstone
-//!   is exported once, from its last state, with `deleted = true`.
+//!   to `S`, which one direct get (`next_by_subj` after it) tells. Only
+//!   entities that may occur more than once in the window are checked: a
+//!   first pass reads the window's subjects alone (headers only) into two
+//!   fixed-size Bloom filters. The checks run many at a time, so the replay
+//!   does not wait on each. Nothing is kept per entity: memory is constant
+//!   whatever the window holds. A tombstone is exported once, from its last
+//!   state, with `deleted = true`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -289,6 +292,7 @@ async fn incremental(
         Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
         Err(e) => return Err(bus(e)),
     }
+    let repeats = repeats(stream, &filter, from, to, cancel).await?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter,
@@ -321,7 +325,17 @@ async fn incremental(
                 done = true;
                 break;
             }
-            checks.push_back(superseded(stream.clone(), msg.subject.to_string(), seq, to));
+            // Only an entity seen more than once in the window can have a
+            // later version in it.
+            let check = repeats
+                .maybe_repeated(msg.subject.as_str())
+                .then(|| (stream.clone(), msg.subject.to_string()));
+            checks.push_back(async move {
+                match check {
+                    Some((stream, subject)) => superseded(stream, subject, seq, to).await,
+                    None => Ok(false),
+                }
+            });
             waiting.push_back(msg);
             if pending == 0 || seq == to {
                 done = true;
@@ -342,9 +356,126 @@ async fn incremental(
     Ok(())
 }
 
+/// Bits of each of the two filters of [`Repeats`]: 2 MiB each.
+const FILTER_BITS: u64 = 1 << 24;
+
+/// Which subjects occur more than once in a window, approximately and in
+/// fixed memory: two Bloom filters, of subjects seen and of subjects seen
+/// again. A subject not in the second occurs once (no false negatives); one
+/// in it may be checked for nothing (false positives, rare below a few
+/// million changes, then more checks, never wrong rows).
+struct Repeats {
+    seen: Vec<u64>,
+    again: Vec<u64>,
+}
+
+impl Repeats {
+    fn new() -> Repeats {
+        let words = (FILTER_BITS / 64) as usize;
+        Repeats {
+            seen: vec![0; words],
+            again: vec![0; words],
+        }
+    }
+
+    fn bits(subject: &str) -> [u64; 3] {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(subject);
+        let step = h.rotate_left(32) | 1;
+        [0u64, 1, 2].map(|i| h.wrapping_add(i.wrapping_mul(step)) % FILTER_BITS)
+    }
+
+    fn contains(filter: &[u64], bits: &[u64; 3]) -> bool {
+        bits.iter()
+            .all(|b| filter[(b / 64) as usize] & (1 << (b % 64)) != 0)
+    }
+
+    fn insert(&mut self, subject: &str) {
+        let bits = Self::bits(subject);
+        let filter = if Self::contains(&self.seen, &bits) {
+            &mut self.again
+        } else {
+            &mut self.seen
+        };
+        for b in bits {
+            filter[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    fn maybe_repeated(&self, subject: &str) -> bool {
+        Self::contains(&self.again, &Self::bits(subject))
+    }
+}
+
+/// Reads the subjects of the window (headers only, no payloads) into a
+/// [`Repeats`].
+async fn repeats(
+    stream: &Stream,
+    filter: &str,
+    from: u64,
+    to: u64,
+    cancel: &CancellationToken,
+) -> Result<Repeats, ReplayError> {
+    let mut out = Repeats::new();
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from + 1,
+            },
+            headers_only: true,
+            description: Some("Meterline exporter: subjects of a window".into()),
+            ..Default::default()
+        })
+        .await
+        .map_err(bus)?;
+    let mut messages = consumer.messages().await.map_err(bus)?;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(ReplayError::Stopped),
+            m = messages.next() => m,
+        };
+        let msg = msg
+            .ok_or_else(|| ReplayError::Bus("the replay ended early".into()))?
+            .map_err(bus)?;
+        let info = msg.info().map_err(bus)?;
+        if info.stream_sequence > to {
+            break;
+        }
+        out.insert(msg.subject.as_str());
+        if info.pending == 0 || info.stream_sequence == to {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeats_never_miss_a_repeated_subject() {
+        let mut r = Repeats::new();
+        for i in 0..100_000 {
+            r.insert(&format!("ent.o.account.{i}"));
+        }
+        for i in (0..100_000).step_by(7) {
+            r.insert(&format!("ent.o.account.{i}"));
+        }
+        for i in 0..100_000 {
+            let s = format!("ent.o.account.{i}");
+            if i % 7 == 0 {
+                assert!(r.maybe_repeated(&s), "{s} missed");
+            }
+        }
+        let false_positives = (0..100_000)
+            .filter(|i| i % 7 != 0 && r.maybe_repeated(&format!("ent.o.account.{i}")))
+            .count();
+        assert!(false_positives < 10, "{false_positives} false positives");
+    }
 
     #[test]
     fn tombstones_become_their_last_state_marked_deleted() {
