@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use meterline_ingest::model::MeasurementGroup;
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::testkit::{eventually, NatsServer, Running};
+use meterline_shared::testkit::{NatsServer, Running};
 use meterline_shared::{bus, subjects, ErrorCode, ServiceError};
 
 const ORG: &str = "acme";
@@ -363,46 +363,50 @@ async fn bad_requests_are_refused_whole_and_nothing_is_stored() {
 async fn nothing_acknowledged_is_lost_when_ingest_or_the_server_crashes() {
     let mut w = World::new().await;
     // Submit in the background and crash ingest while requests are in flight.
-    let mut tasks = Vec::new();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     for r in 0..30 {
         let client = w.client.clone();
-        tasks.push(tokio::spawn(async move {
+        let done = done_tx.clone();
+        tokio::spawn(async move {
             let ms: Vec<Value> = (0..200).map(|i| call(&format!("c-{r}-{i}"), 1.0)).collect();
             let body = serde_json::to_vec(&json!({ "measurements": ms })).unwrap();
-            (
-                r,
-                bus::request(
-                    &client,
-                    subjects::ingest_submit(ORG),
-                    Default::default(),
-                    body.into(),
-                )
-                .await,
+            let result = bus::request(
+                &client,
+                subjects::ingest_submit(ORG),
+                Default::default(),
+                body.into(),
             )
-        }));
+            .await;
+            let _ = done.send((r, result));
+        });
     }
-    // Wait until some requests have been acknowledged, then crash ingest.
-    let client = w.client.clone();
-    eventually(Duration::from_secs(20), "a first commit", || {
-        let js = jetstream::new(client.clone());
-        async move {
-            let s = js.get_stream(subjects::MEASUREMENTS_STREAM).await.ok()?;
-            s.direct_get_last_for_subject(format!("uidx.{ORG}.>"))
-                .await
-                .ok()
-                .map(|_| ())
-        }
-    })
-    .await;
-    w.ingest.take().unwrap().kill();
+    drop(done_tx);
+    // Wait until a first request has been acknowledged, then crash ingest.
     let mut acknowledged = Vec::new();
-    for t in tasks {
-        let (r, result) = t.await.unwrap();
+    let mut record = |r: usize, result: Result<Bytes, _>| {
         if let Ok(reply) = result {
             let v: Value = serde_json::from_slice(&reply).unwrap();
             assert_eq!(v["accepted"], 200);
             acknowledged.push(r);
         }
+    };
+    loop {
+        let (r, result) = tokio::time::timeout(Duration::from_secs(20), done_rx.recv())
+            .await
+            .expect("a first request answered")
+            .expect("requests outstanding");
+        let ok = result.is_ok();
+        record(r, result);
+        if ok {
+            break;
+        }
+    }
+    w.ingest.take().unwrap().kill();
+    while let Some((r, result)) = tokio::time::timeout(Duration::from_secs(30), done_rx.recv())
+        .await
+        .expect("every request answered or failed")
+    {
+        record(r, result);
     }
     assert!(!acknowledged.is_empty());
     // Crash the server as well (SIGKILL), then look.
