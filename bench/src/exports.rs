@@ -79,11 +79,11 @@ async fn write(
     let mut acks = futures::stream::FuturesUnordered::new();
     for ev in events {
         let subject = subjects::entity(ORG, &ev.entity_type, &ev.entity_id);
-        acks.push(
-            js.publish(subject, Bytes::from(serde_json::to_vec(&ev)?))
-                .await?,
-        );
-        while acks.len() >= 4096 {
+        let ack = js
+            .publish(subject, Bytes::from(serde_json::to_vec(&ev)?))
+            .await?;
+        acks.push(async move { ack.await });
+        while acks.len() >= 1024 {
             if let Some(a) = acks.next().await {
                 a?;
             }
@@ -222,7 +222,11 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let n = env_usize("BENCH_EXPORT_ENTITIES", 1_000_000);
     let changes = env_usize("BENCH_EXPORT_CHANGES", 100_000).min(n);
     let client = nats.client().await;
-    let js = jetstream::new(client.clone());
+    // A long ack timeout: the bulk writes below keep many publishes in
+    // flight on a machine that flushes every write to disk.
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build(client.clone());
     let s3 = S3Server::start();
     s3.create_bucket("bench");
 

@@ -12,8 +12,12 @@
 
 use std::io::Write;
 
+use std::marker::PhantomData;
+
+use bytes::Bytes;
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// `exportFileFormat` of a schedule or ad-hoc export.
@@ -62,10 +66,120 @@ impl Format {
 }
 
 /// One exported entity version: its state, and whether it was deleted.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Row {
-    pub state: Map<String, Value>,
+    pub state: State,
     pub deleted: bool,
+}
+
+/// An entity's state: inside the stored entity event (its `new`, or its
+/// `old` for tombstones and states as of an earlier sequence), written out
+/// straight from the event's bytes (the fast path); or parsed, when
+/// something must be looked at or changed.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// The message payload, shared with the message (no copy).
+    Event {
+        payload: Bytes,
+        from_old: bool,
+    },
+    Parsed(Map<String, Value>),
+}
+
+/// The two states of an entity event, each read as `T`.
+#[derive(serde::Deserialize)]
+struct Sides<T> {
+    #[serde(default = "none")]
+    new: Option<T>,
+    #[serde(default = "none")]
+    old: Option<T>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+impl<T> Sides<T> {
+    fn side(self, from_old: bool) -> Option<T> {
+        if from_old {
+            self.old
+        } else {
+            self.new
+        }
+    }
+}
+
+/// An object's fields in document order, borrowed from the text.
+struct Fields<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields<'a>, A::Error> {
+                let mut fields = Vec::with_capacity(32);
+                while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Visit(PhantomData))
+    }
+}
+
+impl Row {
+    pub fn parsed(state: Map<String, Value>, deleted: bool) -> Row {
+        Row {
+            state: State::Parsed(state),
+            deleted,
+        }
+    }
+
+    /// The state as a map, parsed on first use.
+    pub fn map(&mut self) -> &mut Map<String, Value> {
+        if let State::Event { payload, from_old } = &self.state {
+            let parsed = serde_json::from_slice::<Sides<Map<String, Value>>>(payload)
+                .ok()
+                .and_then(|s| s.side(*from_old))
+                .unwrap_or_default();
+            self.state = State::Parsed(parsed);
+        }
+        match &mut self.state {
+            State::Parsed(m) => m,
+            State::Event { .. } => unreachable!("parsed above"),
+        }
+    }
+}
+
+/// Appends the CSV cell of a JSON value given as its text.
+fn csv_raw(out: &mut Vec<u8>, text: &str) {
+    match text.as_bytes().first() {
+        None => {}
+        Some(b'n') if text == "null" => {}
+        Some(b'"') => {
+            let inner = &text[1..text.len().saturating_sub(1).max(1)];
+            if inner.contains('\\') {
+                match serde_json::from_str::<String>(text) {
+                    Ok(s) => csv_cell(out, &s),
+                    Err(_) => csv_cell(out, inner),
+                }
+            } else {
+                csv_cell(out, inner);
+            }
+        }
+        // Nested values: the stored JSON is already compact JSON text.
+        Some(b'{' | b'[') => csv_cell(out, text),
+        // Numbers and booleans, as written.
+        Some(_) => out.extend_from_slice(text.as_bytes()),
+    }
 }
 
 /// Appends one CSV cell to `out`, quoted when it must be.
@@ -112,21 +226,65 @@ pub fn csv_header(columns: &[String]) -> Vec<u8> {
 
 /// Encodes one row into `out`.
 pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u8>) {
-    match format {
-        Format::Csv => {
+    let deleted: &[u8] = if row.deleted { b"true" } else { b"false" };
+    match (format, &row.state) {
+        (Format::Csv, State::Parsed(state)) => {
             for c in columns {
-                csv_value(out, row.state.get(c));
+                csv_value(out, state.get(c));
                 out.push(b',');
             }
-            out.extend_from_slice(if row.deleted { b"true" } else { b"false" });
+            out.extend_from_slice(deleted);
             out.extend_from_slice(b"\r\n");
         }
-        Format::Jsonl => {
-            let mut obj = row.state.clone();
+        (Format::Csv, State::Event { payload, from_old }) => {
+            // Field names of stored entities have no escapes; anything else
+            // takes the parsed path.
+            let fields = serde_json::from_slice::<Sides<Fields>>(payload)
+                .map(|s| s.side(*from_old).unwrap_or(Fields(Vec::new())));
+            match fields {
+                Ok(Fields(fields)) => {
+                    // Columns and fields are mostly in the same order: look
+                    // from where the last one was found.
+                    let mut hint = 0;
+                    for c in columns {
+                        let n = fields.len();
+                        if let Some(i) = (hint..n).chain(0..hint).find(|&i| fields[i].0 == c) {
+                            csv_raw(out, fields[i].1.get());
+                            hint = i + 1;
+                        }
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(deleted);
+                    out.extend_from_slice(b"\r\n");
+                }
+                Err(_) => {
+                    let mut parsed = row.clone();
+                    parsed.map();
+                    encode_row(format, columns, &parsed, out);
+                }
+            }
+        }
+        (Format::Jsonl, State::Parsed(state)) => {
+            let mut obj = state.clone();
             obj.insert("deleted".into(), Value::Bool(row.deleted));
             // A map of JSON values always serializes.
             let _ = serde_json::to_writer(&mut *out, &obj);
             out.push(b'\n');
+        }
+        (Format::Jsonl, State::Event { payload, from_old }) => {
+            // The stored object with `"deleted"` added before its `}`.
+            let raw = serde_json::from_slice::<Sides<&RawValue>>(payload)
+                .ok()
+                .and_then(|s| s.side(*from_old));
+            let text = raw.map(RawValue::get).unwrap_or("{}").trim_end();
+            let body = text.strip_suffix('}').unwrap_or(text).trim_end();
+            out.extend_from_slice(body.as_bytes());
+            if !body.ends_with('{') {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"deleted\":");
+            out.extend_from_slice(deleted);
+            out.extend_from_slice(b"}\n");
         }
     }
 }
@@ -236,9 +394,48 @@ mod tests {
     use serde_json::json;
 
     fn row(v: Value, deleted: bool) -> Row {
+        Row::parsed(v.as_object().unwrap().clone(), deleted)
+    }
+
+    fn raw(v: &Value, deleted: bool) -> Row {
+        let event = if deleted {
+            json!({"action": "deleted", "new": null, "old": v})
+        } else {
+            json!({"action": "updated", "old": {"id": "older"}, "new": v})
+        };
         Row {
-            state: v.as_object().unwrap().clone(),
+            state: State::Event {
+                payload: Bytes::from(event.to_string()),
+                from_old: deleted,
+            },
             deleted,
+        }
+    }
+
+    #[test]
+    fn stored_json_encodes_as_its_parsed_value_does() {
+        let cols: Vec<String> = ["id", "name", "tags", "n", "ok", "missing", "nothing"]
+            .map(String::from)
+            .to_vec();
+        for v in [
+            json!({"id": "a1", "name": "Acme, \"Inc\"\nLtd \u{e9}", "tags": {"k": [1, 2.5]}, "n": 1.5, "ok": true, "nothing": null}),
+            json!({"name": " padded ", "id": "x\\y"}),
+            json!({}),
+        ] {
+            for format in [Format::Csv, Format::Jsonl] {
+                for deleted in [false, true] {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    encode_row(format, &cols, &row(v.clone(), deleted), &mut a);
+                    encode_row(format, &cols, &raw(&v, deleted), &mut b);
+                    if format == Format::Csv {
+                        assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
+                    } else {
+                        let a: Value = serde_json::from_slice(&a).unwrap();
+                        let b: Value = serde_json::from_slice(&b).unwrap();
+                        assert_eq!(a, b);
+                    }
+                }
+            }
         }
     }
 

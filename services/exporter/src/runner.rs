@@ -168,18 +168,19 @@ impl ExportKind {
     }
 
     /// The rows a version of the source entity stands for.
-    fn expand(&self, row: Row) -> Vec<Row> {
+    fn expand(&self, mut row: Row) -> Vec<Row> {
         if !self.bands {
             return vec![row];
         }
-        let pricing = row.state.get("id").cloned().unwrap_or(Value::Null);
+        let deleted = row.deleted;
+        let state = row.map();
+        let pricing = state.get("id").cloned().unwrap_or(Value::Null);
         let mut out = Vec::new();
         for (field, kind) in [
             ("pricingBands", "PRICING"),
             ("overagePricingBands", "OVERAGE"),
         ] {
-            for band in row
-                .state
+            for band in state
                 .get(field)
                 .and_then(Value::as_array)
                 .into_iter()
@@ -190,10 +191,7 @@ impl ExportKind {
                 };
                 state.insert("pricingId".into(), pricing.clone());
                 state.insert("bandType".into(), Value::String(kind.into()));
-                out.push(Row {
-                    state,
-                    deleted: row.deleted,
-                });
+                out.push(Row::parsed(state, deleted));
             }
         }
         out
@@ -896,7 +894,7 @@ impl Runner {
         cancel: &CancellationToken,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
-        let (tx, mut rx) = mpsc::channel::<Row>(4096);
+        let (tx, mut rx) = mpsc::channel::<Vec<Row>>(16);
         let stream = self.inner.entities.clone();
         let (org, name) = (req.org_id.clone(), ty.source.name);
         let stop = cancel.child_token();
@@ -922,7 +920,7 @@ impl Runner {
         req: &ExportJobRequest,
         spec: &Spec,
         ty: &ExportKind,
-        rows: &mut mpsc::Receiver<Row>,
+        rows: &mut mpsc::Receiver<Vec<Row>>,
         reader: &mut tokio::task::JoinHandle<Result<u64, ReplayError>>,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
@@ -940,39 +938,42 @@ impl Runner {
         let mut file = PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
         let mut enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
         let secrets = ty.source.secrets;
-        while let Some(mut source_row) = rows.recv().await {
-            if let Some(since) = spec.since {
-                if !modified_since(&source_row, since) {
-                    continue;
+        while let Some(batch) = rows.recv().await {
+            for mut source_row in batch {
+                if let Some(since) = spec.since {
+                    if !modified_since(&mut source_row, since) {
+                        continue;
+                    }
                 }
-            }
-            if !secrets.is_empty() {
-                let mut v = Value::Object(std::mem::take(&mut source_row.state));
-                seal::mask_fields(secrets, &mut v);
-                if let Value::Object(m) = v {
-                    source_row.state = m;
+                if !secrets.is_empty() {
+                    let state = source_row.map();
+                    let mut v = Value::Object(std::mem::take(state));
+                    seal::mask_fields(secrets, &mut v);
+                    if let Value::Object(m) = v {
+                        *state = m;
+                    }
                 }
-            }
-            for row in ty.expand(source_row) {
-                let n = enc.encode(&row) as u64;
-                if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
-                    let last = enc.finish();
-                    file.write(Bytes::from(last)).await?;
-                    let rows_in_part = file.rows;
-                    out.push(file.finish(ty, rows_in_part).await?);
-                    part += 1;
-                    file =
-                        PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
-                    enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
-                    enc.encode(&row);
+                for row in ty.expand(source_row) {
+                    let n = enc.encode(&row) as u64;
+                    if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
+                        let last = enc.finish();
+                        file.write(Bytes::from(last)).await?;
+                        let rows_in_part = file.rows;
+                        out.push(file.finish(ty, rows_in_part).await?);
+                        part += 1;
+                        file = PartWriter::begin(spec, req, type_token, part, ext, content_type)
+                            .await?;
+                        enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
+                        enc.encode(&row);
+                    }
+                    enc.push_encoded();
+                    file.rows += 1;
+                    if let Some(chunk) = enc.take(CHUNK_BYTES) {
+                        progress.add(0, chunk.len() as u64);
+                        file.write(Bytes::from(chunk)).await?;
+                    }
+                    progress.add(1, 0);
                 }
-                enc.push_encoded();
-                file.rows += 1;
-                if let Some(chunk) = enc.take(CHUNK_BYTES) {
-                    progress.add(0, chunk.len() as u64);
-                    file.write(Bytes::from(chunk)).await?;
-                }
-                progress.add(1, 0);
             }
             progress.maybe_save().await;
         }
@@ -1003,10 +1004,11 @@ impl Delivered {
     }
 }
 
-fn modified_since(row: &Row, since: DateTime<Utc>) -> bool {
+fn modified_since(row: &mut Row, since: DateTime<Utc>) -> bool {
+    let state = row.map();
     ["dtLastModified", "dtCreated"]
         .iter()
-        .filter_map(|f| row.state.get(*f).and_then(Value::as_str))
+        .filter_map(|f| state.get(*f).and_then(Value::as_str))
         .filter_map(|s| DateTime::parse_from_rfc3339(s).ok())
         .any(|t| t.with_timezone(&Utc) >= since)
 }
@@ -1234,15 +1236,12 @@ mod tests {
             "pricingBands": [{"id": "b1", "lowerLimit": 0, "fixedPrice": 0, "unitPrice": 1.5},
                              {"id": "b2", "lowerLimit": 100, "fixedPrice": 0, "unitPrice": 1}],
             "overagePricingBands": [{"id": "b3", "lowerLimit": 0, "fixedPrice": 5, "unitPrice": 2}]});
-        let rows = kind.expand(Row {
-            state: state.as_object().unwrap().clone(),
-            deleted: true,
-        });
+        let mut rows = kind.expand(Row::parsed(state.as_object().unwrap().clone(), true));
         assert_eq!(rows.len(), 3);
         assert!(rows
-            .iter()
-            .all(|r| r.deleted && r.state["pricingId"] == "p1"));
-        assert_eq!(rows[2].state["bandType"], "OVERAGE");
+            .iter_mut()
+            .all(|r| r.deleted && r.map()["pricingId"] == "p1"));
+        assert_eq!(rows[2].map()["bandType"], "OVERAGE");
         let cols = kind.columns();
         assert_eq!(&cols[..2], ["id", "lowerLimit"]);
         assert!(cols.ends_with(&["pricingId".to_owned(), "bandType".to_owned()]));

@@ -122,9 +122,8 @@ async fn first_error(dest: &dyn Destination) -> String {
         return e.0;
     }
     let mut up = dest.begin("k/file.csv", "text/csv").await.unwrap();
-    match up.write(Bytes::from_static(b"x")).await {
-        Err(e) => return e.0,
-        Ok(()) => {}
+    if let Err(e) = up.write(Bytes::from_static(b"x")).await {
+        return e.0;
     }
     tokio::time::timeout(Duration::from_secs(60), up.finish())
         .await

@@ -118,7 +118,9 @@ async fn scheduled_exports_hold_the_initial_state_then_only_changes() {
     assert_eq!(done[0]["files"][0]["uri"], f.uri.as_str());
     assert_eq!(done[0]["rows"], 3);
 
-    // Then only what changed: an update, a delete (once, marked), a create.
+    // Then only what changed: updates (the latest only), a delete (once,
+    // marked), a create.
+    let a = w.update("account", &a, json!({"name": "Alpha 1b"})).await;
     let a = w.update("account", &a, json!({"name": "Alpha 2"})).await;
     w.delete("account", &id(&c)).await;
     let d = w.account("d", "Delta").await;
@@ -128,7 +130,7 @@ async fn scheduled_exports_hold_the_initial_state_then_only_changes() {
     assert_eq!(
         exported(&w, &second).await,
         BTreeMap::from([
-            (id(&a), ("Alpha 2".into(), false, "2".into())),
+            (id(&a), ("Alpha 2".into(), false, "3".into())),
             (id(&c), ("Gamma".into(), true, "1".into())),
             (id(&d), ("Delta".into(), false, "1".into())),
         ])
