@@ -121,7 +121,10 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let mut jobs = js.get_stream(subjects::JOBS_STREAM).await?;
     let deadline = Instant::now() + Duration::from_secs(55);
     while jobs.info().await?.state.messages < n as u64 {
-        anyhow::ensure!(Instant::now() < deadline, "immediate jobs not all requested in time");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "immediate jobs not all requested in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
@@ -134,7 +137,10 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     tokio::time::sleep(until(slot(n - 1)) + Duration::from_secs(1)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while jobs.info().await?.state.messages < 2 * n as u64 {
-        anyhow::ensure!(Instant::now() < deadline, "slot jobs not all requested in time");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "slot jobs not all requested in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let info = jobs.info().await?;

@@ -260,7 +260,8 @@ impl Timing {
                 let k = (t - base).num_milliseconds() / step.num_milliseconds() + 1;
                 Some(base + step * (k as i32))
             }
-            Timing::Cron { schedule, .. } => schedule.after(&t).next(),
+            // No run before the creation (the immediate run stands for it).
+            Timing::Cron { schedule, .. } => schedule.after(&t.max(created)).next(),
         }
     }
 
@@ -512,6 +513,13 @@ mod tests {
             Some(utc(2026, 12, 2, 10, 15))
         );
         // Sunday is 0 and 7; a wrap through 7 works.
+        let quarter = timing(json!({"cronExpression": "*/15 * * * *"})).unwrap();
+        let c = utc(2026, 12, 1, 18, 7);
+        assert_eq!(
+            quarter.next_after(c, utc(2026, 12, 1, 17, 59)),
+            Some(utc(2026, 12, 1, 18, 15)),
+            "nothing before the creation"
+        );
         let wrap = timing(json!({"cronExpression": "0 0 * * 3-7,1"})).unwrap();
         assert_eq!(
             wrap.next_after(now(), utc(2026, 12, 5, 1, 0)),

@@ -9,8 +9,9 @@
 //!   entity and the instant, so replicas and restarts emit it once. If the
 //!   entity's date changes later, the new date gets an Event of its own; the
 //!   old date never gets a second one.
-//! - Only instants from the configuration's creation on: a new configuration
-//!   does not flood `EVENTS` with the history of every entity.
+//! - Only instants from the configuration's creation (or last change) on: a
+//!   new or edited configuration does not flood `EVENTS` with the history
+//!   of every entity.
 //! - Emitted late rather than never: instants reached while no scheduler ran
 //!   are emitted when one starts.
 //!
@@ -66,6 +67,7 @@ struct Config {
     field: String,
     offset_days: i64,
     name: String,
+    /// Creation or last change: earlier instants are not emitted.
     created: DateTime<Utc>,
 }
 
@@ -344,8 +346,11 @@ fn config_of(
             "offset {offset_days} is more than a century of days"
         ));
     }
+    // From the last change on: an edited offset or field does not replay
+    // the instants it moves into the past.
     let created = state
-        .get("dtCreated")
+        .get("dtLastModified")
+        .or_else(|| state.get("dtCreated"))
         .and_then(instant)
         .unwrap_or(event_time);
     Ok(Config {
@@ -541,6 +546,36 @@ mod tests {
         ));
         s.apply(&ev("bill", "b1", None, t0));
         assert!(s.due(utc(2027, 1, 1, 0, 0)).is_empty());
+    }
+
+    #[test]
+    fn an_edited_configuration_does_not_replay_the_past() {
+        let t0 = utc(2026, 1, 1, 0, 0);
+        let edit = utc(2026, 2, 1, 0, 0);
+        let mut s = ScheduledEvents::default();
+        s.apply(&ev(
+            "bill",
+            "b1",
+            Some(json!({"dueDate": "2026-01-10"})),
+            t0,
+        ));
+        s.apply(&ev(
+            "bill",
+            "b2",
+            Some(json!({"dueDate": "2026-02-10"})),
+            t0,
+        ));
+        s.start();
+        s.apply(&ev(
+            CONFIG_TYPE,
+            "c1",
+            Some(json!({"name": "scheduled.bill.due", "entity": "Bill", "field": "dueDate", "offset": 5,
+                "dtCreated": t0.to_rfc3339(), "dtLastModified": edit.to_rfc3339()})),
+            edit,
+        ));
+        let d = s.due(utc(2026, 3, 1, 0, 0));
+        let ids: Vec<&str> = d.iter().map(|d| d.entity_id.as_str()).collect();
+        assert_eq!(ids, ["b2"], "b1's instant (Jan 15) is before the edit");
     }
 
     #[test]

@@ -70,7 +70,10 @@ impl JobWriter {
             adhoc: None,
         };
         let key = exportjob::job_key(&fire.org, &job_id);
-        let record = ExportJobRecord::pending(&request, self.clock.now());
+        let record = ExportJobRecord {
+            source_type: fire.source_type.clone(),
+            ..ExportJobRecord::pending(&request, self.clock.now())
+        };
         let bytes = serde_json::to_vec(&record).map_err(|e| JobError::Record(e.to_string()))?;
         let outcome = match self.jobs.create(&key, Bytes::from(bytes)).await {
             Ok(_) => Outcome::Created,

@@ -3,8 +3,9 @@
 //!
 //! It learns every organization's export schedules, destinations, scheduled
 //! event configurations and dated entities by watching `ENTITIES` (the last
-//! message of each entity at start, then every change): no polling, and no
-//! second copy to drift. For each slot of each schedule it writes a
+//! message of each entity at start, then every change; schedules and dated
+//! entities in two reads, so jobs never wait for millions of bills): no
+//! polling, and no second copy to drift. For each slot of each schedule it writes a
 //! `PENDING` record to `export_jobs` and publishes an
 //! [`ExportJobRequest`](meterline_shared::exportjob::ExportJobRequest) on
 //! `JOBS` with the job id as message id ([`jobs`]); when a slot is due is
@@ -51,8 +52,9 @@ pub const SERVICE_NAME: &str = "scheduler";
 pub struct Settings {
     /// Bus connection (`METERLINE_NATS_*`).
     pub nats: NatsSettings,
-    /// Admin HTTP port: `/healthz`, `/readyz` (ready once `ENTITIES` is
-    /// read up to where it was at start), `/metrics`, and `/refused` (the
+    /// Admin HTTP port: `/healthz`, `/readyz` (ready once the schedules,
+    /// destinations and scheduled event configurations on `ENTITIES` at start
+    /// are read), `/metrics`, and `/refused` (the
     /// schedules and scheduled event configurations it does not run, and
     /// why, as JSON).
     pub admin_addr: SocketAddr,
@@ -203,7 +205,15 @@ impl App {
             });
         }
         let (tx, rx) = mpsc::channel(1024);
-        let watcher = tokio::spawn(watch_entities(self.entities.clone(), tx, shutdown.clone()));
+        let watchers = [Part::Config, Part::Dates].map(|part| {
+            tokio::spawn(watch_entities(
+                self.entities.clone(),
+                part,
+                tx.clone(),
+                shutdown.clone(),
+            ))
+        });
+        drop(tx);
         tracing::info!(admin = %self.admin_addr, "scheduler started; reading ENTITIES");
         let engine = Engine {
             clock: self.clock.clone(),
@@ -218,28 +228,43 @@ impl App {
             shutdown: shutdown.clone(),
         };
         let result = engine.run(rx).await;
-        watcher.abort();
+        for w in watchers {
+            w.abort();
+        }
         let _ = self.client.drain().await;
         result
     }
 }
 
-/// What the watcher of `ENTITIES` tells the engine.
-enum Input {
-    Entity(Box<EntityEvent>),
-    /// Everything that was in `ENTITIES` at start has been read.
-    CaughtUp,
+/// The two reads of `ENTITIES`: the configuration (schedules,
+/// destinations, scheduled event configurations), which is small and gates
+/// the jobs, and the dated entities (accounts, bills, ...), which may be
+/// large and only scheduled events need. Jobs do not wait for bills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Config,
+    Dates,
 }
 
-/// The subjects the scheduler reads: schedules, destinations, scheduled
-/// event configurations, and every type with date fields.
-fn filters() -> Vec<String> {
-    let mut f: Vec<String> = [SCHEDULE_TYPE, DESTINATION_TYPE, events::CONFIG_TYPE]
-        .iter()
-        .map(|t| format!("ent.*.{t}.*"))
-        .collect();
-    f.extend(events::dated_types().map(|t| format!("ent.*.{}.*", t.name)));
-    f
+impl Part {
+    fn filters(self) -> Vec<String> {
+        match self {
+            Part::Config => [SCHEDULE_TYPE, DESTINATION_TYPE, events::CONFIG_TYPE]
+                .iter()
+                .map(|t| format!("ent.*.{t}.*"))
+                .collect(),
+            Part::Dates => events::dated_types()
+                .map(|t| format!("ent.*.{}.*", t.name))
+                .collect(),
+        }
+    }
+}
+
+/// What the watchers of `ENTITIES` tell the engine.
+enum Input {
+    Entity(Box<EntityEvent>),
+    /// Everything of this part that was in `ENTITIES` at start has been read.
+    CaughtUp(Part),
 }
 
 /// Reads the last message of every entity of interest, says when it has
@@ -247,6 +272,7 @@ fn filters() -> Vec<String> {
 /// consumer fails.
 async fn watch_entities(
     stream: jetstream::stream::Stream,
+    part: Part,
     tx: mpsc::Sender<Input>,
     shutdown: CancellationToken,
 ) {
@@ -259,7 +285,7 @@ async fn watch_entities(
                     "_INBOX.scheduler-watch.{}",
                     uuid::Uuid::new_v4().simple()
                 ),
-                filter_subjects: filters(),
+                filter_subjects: part.filters(),
                 deliver_policy: match next {
                     None => DeliverPolicy::LastPerSubject,
                     Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
@@ -276,7 +302,7 @@ async fn watch_entities(
                     .unwrap_or(u64::MAX);
                 if pending == 0 && !caught_up {
                     caught_up = true;
-                    if tx.send(Input::CaughtUp).await.is_err() {
+                    if tx.send(Input::CaughtUp(part)).await.is_err() {
                         return;
                     }
                 }
@@ -302,7 +328,7 @@ async fn watch_entities(
                         }
                         if left == 0 && !caught_up {
                             caught_up = true;
-                            if tx.send(Input::CaughtUp).await.is_err() {
+                            if tx.send(Input::CaughtUp(part)).await.is_err() {
                                 return;
                             }
                         }
@@ -338,17 +364,18 @@ struct Engine {
 impl Engine {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> anyhow::Result<()> {
         let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<Due>();
+        // Jobs start once the configuration is read; scheduled events once
+        // the dated entities are read too.
         let mut live = false;
+        let mut dates_read = false;
+        let mut events_live = false;
         let mut dirty = false;
         loop {
-            let wake = if live {
-                [self.schedules.next_wake(), self.events.next_wake()]
-                    .into_iter()
-                    .flatten()
-                    .min()
-            } else {
-                None
-            };
+            // Each queue is filled only once its part is live.
+            let wake = [self.schedules.next_wake(), self.events.next_wake()]
+                .into_iter()
+                .flatten()
+                .min();
             let clock = self.clock.clone();
             let sleep = async move {
                 match wake {
@@ -367,27 +394,20 @@ impl Engine {
                         self.events.apply(&ev);
                         dirty |= matches!(ev.entity_type.as_str(), SCHEDULE_TYPE | DESTINATION_TYPE | events::CONFIG_TYPE);
                         self.request_all(fires);
-                        if live {
+                        if events_live {
                             self.emit_due(&failed_tx);
                         }
                     }
-                    Some(Input::CaughtUp) => {
-                        for key in self.emitter.emitted_keys().await.unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "reading emitted scheduled events failed");
-                            Vec::new()
-                        }) {
-                            self.events.remember(key);
-                        }
+                    Some(Input::CaughtUp(Part::Config)) => {
                         let now = self.clock.now();
                         let fires = self.schedules.start(now);
-                        self.events.start();
                         live = true;
                         dirty = true;
-                        tracing::info!(schedules = self.schedules.len(), owed = fires.len(), "ENTITIES read; scheduling");
+                        tracing::info!(schedules = self.schedules.len(), owed = fires.len(), "schedules read from ENTITIES; scheduling");
                         self.request_all(fires);
-                        self.emit_due(&failed_tx);
                         self.status.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
+                    Some(Input::CaughtUp(Part::Dates)) => dates_read = true,
                 },
                 Some(due) = failed_rx.recv() => self.events.retry(&due),
                 _ = sleep => {
@@ -396,6 +416,19 @@ impl Engine {
                     self.request_all(fires);
                     self.emit_due(&failed_tx);
                 }
+            }
+            if live && dates_read && !events_live {
+                // Before any event is emitted: what was emitted before.
+                for key in self.emitter.emitted_keys().await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "reading emitted scheduled events failed");
+                    Vec::new()
+                }) {
+                    self.events.remember(key);
+                }
+                self.events.start();
+                events_live = true;
+                tracing::info!("dated entities read from ENTITIES; scheduled events running");
+                self.emit_due(&failed_tx);
             }
             if dirty && live && rx.is_empty() {
                 dirty = false;

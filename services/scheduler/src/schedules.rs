@@ -41,6 +41,8 @@ pub struct Fire {
     pub schedule: String,
     pub slot: DateTime<Utc>,
     pub trigger: Trigger,
+    /// The schedule's `sourceType` (`OPERATIONAL` or `USAGE`), for the record.
+    pub source_type: String,
 }
 
 /// A schedule (or scheduled event configuration) the scheduler does not
@@ -58,6 +60,7 @@ pub struct Refusal {
 #[derive(Debug)]
 struct Schedule {
     created: DateTime<Utc>,
+    source_type: String,
     timing: Result<Timing, String>,
     destinations: Vec<String>,
     active: bool,
@@ -199,6 +202,11 @@ impl Schedules {
         let reactivated = active && !was_active;
         let mut s = Schedule {
             created,
+            source_type: state
+                .get("sourceType")
+                .and_then(Value::as_str)
+                .unwrap_or("OPERATIONAL")
+                .to_owned(),
             timing,
             destinations: state
                 .get("destinationIds")
@@ -232,6 +240,7 @@ impl Schedules {
                     schedule: key.1.clone(),
                     slot: s.start,
                     trigger: Trigger::Immediate,
+                    source_type: s.source_type.clone(),
                 });
             }
             if is_new || reactivated || timing_changed || s.next.is_none() {
@@ -364,6 +373,7 @@ impl Schedules {
                             schedule: key.1.clone(),
                             slot: l,
                             trigger: Trigger::CatchUp,
+                            source_type: s.source_type.clone(),
                         });
                     }
                 }
@@ -374,6 +384,7 @@ impl Schedules {
                     schedule: key.1.clone(),
                     slot: s.start,
                     trigger: Trigger::Immediate,
+                    source_type: s.source_type.clone(),
                 }),
             }
             s.next = timing.next_after(s.created, now);
@@ -410,6 +421,7 @@ impl Schedules {
                 schedule: key.1.clone(),
                 slot,
                 trigger,
+                source_type: s.source_type.clone(),
             });
             s.next = timing.next_after(s.created, slot.max(now));
             match s.next {

@@ -24,7 +24,8 @@ use meterline_shared::testkit::{eventually, NatsServer, Running};
 use meterline_shared::{bus, provision, subjects, ServiceError};
 
 const ORG: &str = "org-sched";
-const WAIT: Duration = Duration::from_secs(15);
+/// Generous: the machine may be busy, and every write is flushed to disk.
+const WAIT: Duration = Duration::from_secs(30);
 
 struct World {
     nats: NatsServer,
@@ -355,6 +356,8 @@ async fn the_first_run_is_immediate_on_the_wall_clock() {
     let c = created(&s);
     let r = w.wait_record(&id(&s), c).await;
     assert_eq!(r.trigger, Trigger::Immediate);
+    assert_eq!(r.source_type, "OPERATIONAL");
+    assert_eq!(r.schedule_id.as_deref(), Some(id(&s).as_str()));
     let reqs = w.wait_requests(&id(&s), 1).await;
     assert_eq!(reqs[0].slot, c);
     assert_eq!(reqs[0].job_id, exportjob::job_id(ORG, &id(&s), c));
@@ -422,6 +425,7 @@ async fn an_edit_moves_the_next_slots_and_delete_or_deactivation_stop_them() {
         .schedule("witness", json!({"scheduleType": "MINUTE", "period": 15}))
         .await;
     let oc = created(&other);
+    w.wait_record(&id(&other), oc).await;
     let every15 = Timing::from_body(&other, oc).unwrap();
     let mut last = clock.now();
     for _ in 0..8 {
@@ -590,73 +594,112 @@ async fn raw_schedule(w: &World, org: &str, sid: &str, body: Value) {
     .unwrap();
 }
 
+/// One bad timing, both ways: the entities service refuses it on write
+/// (400 with the reason), and the scheduler, meeting it on `ENTITIES`
+/// anyway, refuses and reports it, gives it no job and keeps serving.
+async fn refused_both_ways(timing: Value, needle: &str) {
+    let w = World::new().await;
+    let mut body = json!({"name": "bad", "code": "bad", "sourceType": "OPERATIONAL", "operationalDataTypes": ["ACCOUNTS"]});
+    body.as_object_mut()
+        .unwrap()
+        .extend(timing.as_object().unwrap().clone());
+    let e = w
+        .create("exportschedule", body)
+        .await
+        .expect_err("accepted");
+    assert_eq!(e.code, meterline_shared::ErrorCode::BadRequest);
+    assert!(
+        e.message.contains(needle),
+        "{:?} lacks {needle:?}",
+        e.message
+    );
+
+    let clock = ManualClock::new(Utc::now());
+    let (scheduler, admin) = w.start(Arc::new(clock.clone())).await;
+    raw_schedule(&w, ORG, "bad-on-the-bus", timing).await;
+    let refused = eventually(WAIT, "the refusal", || async {
+        let r = w.refused(admin).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(refused[0]["id"], "bad-on-the-bus");
+    assert!(
+        refused[0]["reason"].as_str().unwrap().contains(needle),
+        "{refused:?}"
+    );
+    let good = w
+        .schedule("good", json!({"scheduleType": "MINUTE", "period": 15}))
+        .await;
+    let gc = created(&good);
+    w.wait_record(&id(&good), gc).await;
+    clock.set(gc + chrono::Duration::days(4));
+    w.wait_record(&id(&good), gc + chrono::Duration::days(4))
+        .await;
+    let reqs = w.job_requests().await;
+    assert!(
+        reqs.iter()
+            .all(|r| r.schedule_id.as_deref() == Some(id(&good).as_str())),
+        "{reqs:#?}"
+    );
+    scheduler.stop().await;
+}
+
 #[tokio::test]
-async fn bad_schedules_are_refused_on_write() {
+async fn a_frequency_above_every_15_minutes_is_refused() {
+    refused_both_ways(
+        json!({"scheduleType": "MINUTE", "period": 10}),
+        "every 15 minutes",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_frequency_below_every_3_days_is_refused() {
+    refused_both_ways(
+        json!({"scheduleType": "HOUR", "period": 73}),
+        "every 3 days",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cron_more_frequent_than_15_minutes_is_refused() {
+    refused_both_ways(
+        json!({"cronExpression": "*/30 * * * * *"}),
+        "more often than every 15 minutes",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cron_that_never_fires_is_refused() {
+    refused_both_ways(json!({"cronExpression": "0 0 30 2 *"}), "never runs").await;
+}
+
+#[tokio::test]
+async fn an_offset_with_minute_is_refused() {
+    refused_both_ways(
+        json!({"scheduleType": "MINUTE", "period": 30, "offset": 5}),
+        "offset",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_schedule_naming_a_deleted_destination_is_refused() {
     let w = World::new().await;
     let dest = w
         .create("exportdestination", json!({"name": "d", "code": "d", "bucketName": "bucket", "iamRoleArn": "arn:aws:iam::123456789012:role/x"}))
         .await
         .unwrap();
     w.delete("exportdestination", &id(&dest)).await;
-    for (what, timing, needle) in [
-        (
-            "every 10 minutes",
-            json!({"scheduleType": "MINUTE", "period": 10}),
-            "every 15 minutes",
-        ),
-        (
-            "every 4 days",
-            json!({"scheduleType": "DAY", "period": 4}),
-            "every 3 days",
-        ),
-        (
-            "every 73 hours",
-            json!({"scheduleType": "HOUR", "period": 73}),
-            "every 3 days",
-        ),
-        (
-            "cron every 5 minutes",
-            json!({"cronExpression": "*/5 * * * *"}),
-            "more often than every 15 minutes",
-        ),
-        (
-            "cron with seconds every 30 s",
-            json!({"cronExpression": "*/30 * * * * *"}),
-            "more often than every 15 minutes",
-        ),
-        (
-            "cron that never fires",
-            json!({"cronExpression": "0 0 30 2 *"}),
-            "never runs",
-        ),
-        (
-            "cron of a past year",
-            json!({"cronExpression": "0 0 12 * * * 2020"}),
-            "never runs",
-        ),
-        (
-            "offset with MINUTE",
-            json!({"scheduleType": "MINUTE", "period": 30, "offset": 5}),
-            "offset",
-        ),
-        (
-            "a deleted destination",
-            json!({"scheduleType": "HOUR", "period": 1, "destinationIds": [id(&dest)]}),
-            "does not exist",
-        ),
-    ] {
-        let mut body = json!({"name": "bad", "code": "bad", "sourceType": "OPERATIONAL", "operationalDataTypes": ["ACCOUNTS"]});
-        body.as_object_mut()
-            .unwrap()
-            .extend(timing.as_object().unwrap().clone());
-        let e = w.create("exportschedule", body).await.expect_err(what);
-        assert_eq!(e.code, meterline_shared::ErrorCode::BadRequest, "{what}");
-        assert!(
-            e.message.contains(needle),
-            "{what}: {:?} lacks {needle:?}",
-            e.message
-        );
-    }
+    let e = w
+        .create("exportschedule", json!({"name": "bad", "code": "bad", "sourceType": "OPERATIONAL",
+            "operationalDataTypes": ["ACCOUNTS"], "scheduleType": "HOUR", "period": 1, "destinationIds": [id(&dest)]}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, meterline_shared::ErrorCode::BadRequest);
+    assert!(e.message.contains("does not exist"), "{}", e.message);
     let e = w
         .create(
             "scheduledeventconfig",
@@ -665,6 +708,45 @@ async fn bad_schedules_are_refused_on_write() {
         .await
         .unwrap_err();
     assert!(e.message.contains("scheduled.bill."), "{}", e.message);
+
+    // A destination deleted after a schedule named it: the scheduler stops
+    // the schedule's jobs and reports it.
+    let clock = ManualClock::new(Utc::now());
+    let (scheduler, admin) = w.start(Arc::new(clock.clone())).await;
+    let dest = w
+        .create("exportdestination", json!({"name": "d2", "code": "d2", "bucketName": "bucket", "iamRoleArn": "arn:aws:iam::123456789012:role/x"}))
+        .await
+        .unwrap();
+    let s = w
+        .schedule(
+            "named",
+            json!({"scheduleType": "MINUTE", "period": 15, "destinationIds": [id(&dest)]}),
+        )
+        .await;
+    let c = created(&s);
+    w.wait_record(&id(&s), c).await;
+    w.delete("exportdestination", &id(&dest)).await;
+    let refused = eventually(WAIT, "the refusal", || async {
+        let r = w.refused(admin).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(refused[0]["id"], id(&s).as_str());
+    assert!(refused[0]["reason"].as_str().unwrap().contains("deleted"));
+    let witness = w
+        .schedule("witness", json!({"scheduleType": "MINUTE", "period": 15}))
+        .await;
+    let wc = created(&witness);
+    w.wait_record(&id(&witness), wc).await;
+    clock.set(wc + chrono::Duration::hours(1));
+    w.wait_record(&id(&witness), wc + chrono::Duration::hours(1))
+        .await;
+    assert_eq!(
+        w.wait_requests(&id(&s), 1).await.len(),
+        1,
+        "only its immediate job"
+    );
+    scheduler.stop().await;
 }
 
 #[tokio::test]
