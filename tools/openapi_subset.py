@@ -72,7 +72,19 @@ PATHS = [
     "/organizations/{orgId}/fileuploads/measurements/jobs",
     "/organizations/{orgId}/fileuploads/measurements/jobs/{id}",
     "/organizations/{orgId}/fileuploads/measurements/jobs/{id}/original",
+    "/organizations/{orgId}/events",
+    "/organizations/{orgId}/events/{id}",
+    "/organizations/{orgId}/events/types",
+    "/organizations/{orgId}/events/fields",
+    "/organizations/{orgId}/notifications/evaluate",
+    "/organizations/{orgId}/integrationdestinations/webhooks/{id}/active",
 ]
+
+# Webhook deliveries that failed every retry, and their replay (Meterline).
+DEAD_LETTER_ROUTES = {
+    "/organizations/{orgId}/notifications/deadletters": ("get", "MeterlineListDeadLetters", "List webhook deliveries that failed every retry (Meterline)"),
+    "/organizations/{orgId}/notifications/deadletters/{id}/replay": ("post", "MeterlineReplayDeadLetter", "Queue a dead-lettered delivery again, with the same notification id (Meterline)"),
+}
 
 # Engine-computed entities that m3ter only lets you read: Meterline accepts
 # writes of them from the billing engine that computes them.
@@ -191,6 +203,17 @@ def main():
         paths.setdefault(p, {})[method] = op
     for p, item in EXTRA_PATHS.items():
         paths[p] = copy.deepcopy(item)
+    for p, (method, op_id, summary) in DEAD_LETTER_ROUTES.items():
+        paths.setdefault(p, {})[method] = {
+            "tags": ["Notifications"],
+            "summary": summary,
+            "operationId": op_id,
+            "x-meterline": True,
+            "responses": {
+                "200": {"description": summary, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "4XX": {"$ref": "#/components/responses/Error"},
+            },
+        }
     doc = {
         "openapi": src["openapi"],
         "info": {

@@ -19,6 +19,9 @@
 //!   to an S3 server, beside a raw ordered-consumer replay of the same
 //!   messages; the exporter's peak memory. `BENCH_EXPORT_ENTITIES`,
 //!   `BENCH_EXPORT_CHANGES` set the sizes.
+//! - Notifications ([`notifier`]): event-to-webhook latency at a steady
+//!   1000 events per second with 100 rules, and deliveries per second to a
+//!   local receiver, beside core NATS request/reply on the same server.
 //!
 //! The machine is shared and noisy: Meterline and raw runs alternate in
 //! rounds so both see the same background load. Sizes can be set with
@@ -28,6 +31,7 @@
 mod entities;
 mod exports;
 mod ingest;
+mod notifier;
 mod scheduler;
 
 use std::time::{Duration, Instant};
@@ -166,6 +170,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("exports") {
         rows.extend(exports::run(&nats).await?);
+    }
+    if wanted("notifier") {
+        rows.extend(notifier::run(&nats).await?);
     }
     println!();
     println!("| figure | Meterline | raw bus | ratio |");
