@@ -8,6 +8,8 @@
 //! | `UPLOADS` | `upload.<org>.<job>` |
 //! | `JOBS` | `job.export.<org>.<schedule>` |
 //! | `EXPORTS` | `export.complete.<org>.<schedule>` |
+//! | `DELIVERIES` | `notify.<org>.<webhook>` |
+//! | `DEADLETTERS` | `deadletter.<org>.<notification>` |
 //! | requests | `svc.<service>.<org>.<...>.<op>` |
 
 use crate::error::ServiceError;
@@ -19,6 +21,39 @@ pub const MEASUREMENTS_STREAM: &str = "MEASUREMENTS";
 pub const UPLOADS_STREAM: &str = "UPLOADS";
 pub const JOBS_STREAM: &str = "JOBS";
 pub const EXPORTS_STREAM: &str = "EXPORTS";
+pub const DELIVERIES_STREAM: &str = "DELIVERIES";
+pub const DEAD_LETTERS_STREAM: &str = "DEADLETTERS";
+
+/// `notify.<org>.<webhook>`: one pending webhook delivery (a fired
+/// notification for one webhook), on the `DELIVERIES` work queue.
+pub fn delivery(org: &str, webhook: &str) -> String {
+    format!("notify.{org}.{webhook}")
+}
+
+/// `deadletter.<org>.<notification>`: a delivery that failed its last
+/// retry, kept on `DEADLETTERS` until it is replayed or expires.
+pub fn dead_letter(org: &str, notification: &str) -> String {
+    format!("deadletter.{org}.{notification}")
+}
+
+/// `svc.notifier.<org>.<op...>`: requests to the notifier (events API,
+/// evaluation, webhook activation, dead letters); see [`notifier_ops`].
+pub fn notifier_request(org: &str, op: &str) -> String {
+    format!("svc.notifier.{org}.{op}")
+}
+
+/// Operations of the notifier, the tokens after the org in its request
+/// subjects.
+pub mod notifier_ops {
+    pub const EVENTS_LIST: &str = "events.list";
+    pub const EVENTS_GET: &str = "events.get";
+    pub const EVENTS_TYPES: &str = "events.types";
+    pub const EVENTS_FIELDS: &str = "events.fields";
+    pub const EVALUATE: &str = "evaluate";
+    pub const WEBHOOK_ACTIVE: &str = "webhook.active";
+    pub const DEAD_LETTERS_LIST: &str = "deadletters.list";
+    pub const DEAD_LETTERS_REPLAY: &str = "deadletters.replay";
+}
 
 /// `job.export.<org>.<schedule>`: a request to run one export job (ad-hoc
 /// jobs use [`crate::exportjob::ADHOC`] as the schedule token).
@@ -30,6 +65,26 @@ pub fn export_job(org: &str, schedule: &str) -> String {
 /// delivered export.
 pub fn export_complete(org: &str, schedule: &str) -> String {
     format!("export.complete.{org}.{schedule}")
+}
+
+/// Operations of the exporter, the last token of
+/// `svc.exporter.<org>.jobs.<op>`.
+pub mod export_ops {
+    /// Export jobs of the org, newest first, filtered.
+    pub const LIST: &str = "list";
+    pub const GET: &str = "get";
+    /// The files of a job without destination, to be downloaded.
+    pub const FILES: &str = "files";
+    /// Queue an ad-hoc export.
+    pub const ADHOC: &str = "adhoc";
+    /// Queue a job for a schedule now, from its cursor.
+    pub const RUN: &str = "run";
+    pub const ALL: [&str; 5] = [LIST, GET, FILES, ADHOC, RUN];
+}
+
+/// `svc.exporter.<org>.jobs.<op>`: export jobs.
+pub fn exporter_request(org: &str, op: &str) -> String {
+    format!("svc.exporter.{org}.jobs.{op}")
 }
 
 /// `svc.ingest.<org>.submit`: a batch of measurements.

@@ -60,6 +60,11 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
         .await
         .expect("build ingest");
     let ingest = Running::spawn(|stop| ingest.run_until_stopped(stop));
+    let notifier =
+        meterline_notifier::App::build(meterline_notifier::Settings::for_tests(nats.url()))
+            .await
+            .expect("build notifier");
+    let notifier = Running::spawn(|stop| notifier.run_until_stopped(stop));
     let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
         .await
         .expect("build gateway");
@@ -111,6 +116,7 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
     );
 
     gateway.stop().await;
+    notifier.stop().await;
     ingest.stop().await;
     entities.stop().await;
 }

@@ -8,6 +8,10 @@
 //! scheduler refuses exactly what is refused here. Scheduled event
 //! configurations: `entity` and `field` name a date field the registry
 //! knows, and `name` reads `scheduled.<entity>.<event name>`.
+//! S3 export destinations: an `iamRoleArn`, or static `accessKeyId` and
+//! `secretAccessKey` (both or neither).
+//! Notification rules: a `calculation` that parses (the error names its
+//! position), required unless `alwaysFireEvent` is true.
 
 use chrono::Utc;
 use serde_json::Value;
@@ -21,6 +25,31 @@ pub fn check(ty: &str, body: &Value) -> Result<(), ServiceError> {
         "exportschedule" => check_schedule(body),
         "meter" => check_meter(body),
         "scheduledeventconfig" => check_scheduled_event(body),
+        "exportdestination" => check_destination(body),
+        "notificationrule" => check_notification(body),
+        _ => Ok(()),
+    }
+}
+
+fn check_destination(body: &Value) -> Result<(), ServiceError> {
+    if body.get("destinationType").and_then(Value::as_str) == Some("GCS") {
+        return Ok(());
+    }
+    let has = |f: &str| {
+        body.get(f)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.trim().is_empty())
+    };
+    match (has("accessKeyId"), has("secretAccessKey")) {
+        (true, false) => Err(ServiceError::bad_request(
+            "secretAccessKey: required with accessKeyId",
+        )),
+        (false, true) => Err(ServiceError::bad_request(
+            "accessKeyId: required with secretAccessKey",
+        )),
+        (false, false) if !has("iamRoleArn") => Err(ServiceError::bad_request(
+            "iamRoleArn: required unless accessKeyId and secretAccessKey are given",
+        )),
         _ => Ok(()),
     }
 }
@@ -72,10 +101,44 @@ fn check_scheduled_event(body: &Value) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// A rule's calculation is parsed when the rule is saved, so a rule that
+/// could never be evaluated is refused with the position of the error.
+fn check_notification(body: &Value) -> Result<(), ServiceError> {
+    let always = body
+        .get("alwaysFireEvent")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let calculation = body
+        .get("calculation")
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty());
+    match calculation {
+        Some(calc) => meterline_calc::Calculation::parse(calc)
+            .map(|_| ())
+            .map_err(|e| ServiceError::bad_request(format!("calculation: {e}"))),
+        None if always => Ok(()),
+        None => Err(ServiceError::bad_request(
+            "calculation is required unless alwaysFireEvent is true",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn notification_calculations_must_parse() {
+        let rule = |v: Value| check("notificationrule", &v);
+        rule(json!({"calculation": "new.amount > 5"})).unwrap();
+        rule(json!({"alwaysFireEvent": true})).unwrap();
+        assert!(rule(json!({})).is_err());
+        let e = rule(json!({"calculation": "new.amount >"})).unwrap_err();
+        assert!(e.message.contains("at position 13"), "{}", e.message);
+        let e = rule(json!({"calculation": "Math.sqrt(new.amount) > 1"})).unwrap_err();
+        assert!(e.message.contains("unknown function"), "{}", e.message);
+    }
 
     fn sched(v: Value) -> Result<(), ServiceError> {
         check("exportschedule", &v)
