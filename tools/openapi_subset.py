@@ -55,6 +55,10 @@ PATHS = [
     "/organizations/{orgId}/dataexports/destinations/{id}",
     "/organizations/{orgId}/dataexports/schedules",
     "/organizations/{orgId}/dataexports/schedules/{id}",
+    "/organizations/{orgId}/dataexports/adhoc",
+    "/organizations/{orgId}/dataexports/jobs",
+    "/organizations/{orgId}/dataexports/jobs/{id}",
+    "/organizations/{orgId}/dataexports/jobs/{jobId}/getdownloadurl",
     "/organizations/{orgId}/notifications/configurations",
     "/organizations/{orgId}/notifications/configurations/{id}",
     "/organizations/{orgId}/integrationdestinations/webhooks",
@@ -117,6 +121,57 @@ EXTRA_SCHEMAS = {
 }
 
 
+# Meterline's additions to m3ter's own schemas, each marked `x-meterline`.
+ACTIVE = {
+    "type": "boolean",
+    "x-meterline": True,
+    "description": "Meterline: whether the Schedule runs (default true). An inactive Schedule "
+    "gets no export jobs; making it active again runs an export at once, then at its frequency.",
+}
+SCHEMA_ADDITIONS = {
+    "DataExportConfigurationRequestBase": {"active": ACTIVE},
+    "DataExportConfigurationResponseBase": {"active": ACTIVE},
+}
+
+# Fields Meterline adds to S3 export destinations, for S3-compatible stores
+# (GCS through its XML API, MinIO, Ceph, ...). With static keys the IAM role
+# is optional, so `iamRoleArn` is no longer required by the schema (the
+# entities service requires it when no keys are given).
+S3_DESTINATION_EXTRA = {
+    "endpointUrl": {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": "^https?://\\S+$",
+                    "description": "Meterline: the URL of an S3-compatible store, e.g. https://storage.googleapis.com for GCS. Absent: AWS S3.", "x-meterline": True},
+    "region": {"type": "string", "minLength": 1, "maxLength": 64,
+               "description": "Meterline: the bucket's region (default us-east-1).", "x-meterline": True},
+    "pathStyle": {"type": "boolean",
+                  "description": "Meterline: address the bucket in the path (http://host/bucket/key) rather than the host name; most S3-compatible stores need it.", "x-meterline": True},
+    "accessKeyId": {"type": "string", "minLength": 1, "maxLength": 256,
+                    "description": "Meterline: static access key id (an HMAC key for GCS). Absent: the exporter's own AWS identity, or `iamRoleArn` assumed by it.", "x-meterline": True},
+    "secretAccessKey": {"type": "string", "minLength": 1, "maxLength": 1024,
+                        "description": "Meterline: the secret of `accessKeyId`. Sealed when stored; reads show ********.", "x-meterline": True},
+}
+
+# Meterline routes beyond m3ter's.
+EXTRA_PATHS = {
+    "/organizations/{orgId}/dataexports/schedules/{id}/run": {
+        "post": {
+            "tags": ["ExportSchedule"],
+            "summary": "Run an export schedule now (Meterline)",
+            "description": "Queues a job for the schedule now, from its cursor: it exports what changed since the schedule's last successful export. For operators re-running a schedule after fixing a destination.",
+            "operationId": "MeterlineRunExportSchedule",
+            "x-meterline": True,
+            "parameters": [
+                {"name": "orgId", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "id", "in": "path", "required": True, "description": "The schedule's id.", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {"description": "The queued job", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AdHocResponse"}}}},
+                "4XX": {"$ref": "#/components/responses/Error"},
+            },
+        }
+    },
+}
+
+
 def refs(node, out):
     if isinstance(node, dict):
         ref = node.get("$ref")
@@ -146,6 +201,8 @@ def main():
         if method != "get":
             op["requestBody"] = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}, "required": True}
         paths.setdefault(p, {})[method] = op
+    for p, item in EXTRA_PATHS.items():
+        paths[p] = copy.deepcopy(item)
     for p, (method, op_id, summary) in DEAD_LETTER_ROUTES.items():
         paths.setdefault(p, {})[method] = {
             "tags": ["Notifications"],
@@ -184,6 +241,25 @@ def main():
         refs(node, found)
         todo |= found - seen
     doc["components"]["schemas"].update(EXTRA_SCHEMAS)
+    for name, props in SCHEMA_ADDITIONS.items():
+        schema = copy.deepcopy(doc["components"]["schemas"][name])
+        schema["properties"].update(props)
+        doc["components"]["schemas"][name] = schema
+    for name in ["ExportDestinationS3Request", "ExportDestinationS3Response"]:
+        schema = doc["components"]["schemas"].get(name)
+        if schema is None:
+            continue
+        schema = copy.deepcopy(schema)
+        extra = copy.deepcopy(S3_DESTINATION_EXTRA)
+        if name.endswith("Response"):
+            extra.pop("secretAccessKey")
+            for v in extra.values():
+                for k in ["minLength", "maxLength", "pattern"]:
+                    v.pop(k, None)
+        schema["properties"].update(extra)
+        if "required" in schema:
+            schema["required"] = [r for r in schema["required"] if r != "iamRoleArn"]
+        doc["components"]["schemas"][name] = schema
     for kind in doc["components"]:
         doc["components"][kind] = dict(sorted(doc["components"][kind].items()))
     json.dump(doc, sys.stdout, indent=1, sort_keys=False)

@@ -6,9 +6,11 @@
 //! against ([`registry`], [`schema`]), codecs ([`codec`]), stream and bucket
 //! provisioning ([`provision`]), the sealing of secrets at rest ([`seal`]),
 //! the export job contract between scheduler, exporter and gateway
-//! ([`exportjob`]), where webhooks may connect ([`egress`]), settings, telemetry, graceful shutdown, the admin HTTP
-//! port, the error-code enum ([`error`]) and, behind the `testkit` feature,
-//! helpers that start real servers for tests.
+//! ([`exportjob`]), export schedule arithmetic and limits, shared by the
+//! entities service and the scheduler ([`schedule`]), where webhooks may
+//! connect ([`egress`]), settings, telemetry, graceful shutdown, the admin
+//! HTTP port, the error-code enum ([`error`]) and, behind the `testkit`
+//! feature, helpers that start real servers for tests.
 //!
 //! It owns no domain logic: what an entity write means lives in
 //! `meterline-entities`, what a route means lives in `meterline-gateway`.
@@ -23,6 +25,7 @@ pub mod exportjob;
 pub mod protocol;
 pub mod provision;
 pub mod registry;
+pub mod schedule;
 pub mod schema;
 pub mod seal;
 pub mod serve;

@@ -129,3 +129,34 @@ pub struct UploadedFile {
 pub fn upload_object_name(org: &str, job: &str) -> String {
     format!("{org}/{job}")
 }
+
+/// A request to the exporter (`svc.exporter.<org>.jobs.<op>`, ops in
+/// [`crate::subjects::export_ops`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportsRequest {
+    /// The job, for `get` and `files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `list`: only this schedule's jobs; `run`: the schedule to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<String>,
+    /// `list`: only jobs with this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+    /// ISO-8601; jobs created on or after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_created_start: Option<String>,
+    /// ISO-8601; jobs created before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_created_end: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+    /// `adhoc`: the request body as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}

@@ -409,6 +409,7 @@ pub static REGISTRY: &[EntityType] = &[
                 ("GCS", "ExportDestinationGoogleCloudStorageRequest"),
             ],
         },
+        secrets: &["secretAccessKey"],
         unique_code: true,
         ..entity(
             "exportdestination",

@@ -67,6 +67,26 @@ pub fn export_complete(org: &str, schedule: &str) -> String {
     format!("export.complete.{org}.{schedule}")
 }
 
+/// Operations of the exporter, the last token of
+/// `svc.exporter.<org>.jobs.<op>`.
+pub mod export_ops {
+    /// Export jobs of the org, newest first, filtered.
+    pub const LIST: &str = "list";
+    pub const GET: &str = "get";
+    /// The files of a job without destination, to be downloaded.
+    pub const FILES: &str = "files";
+    /// Queue an ad-hoc export.
+    pub const ADHOC: &str = "adhoc";
+    /// Queue a job for a schedule now, from its cursor.
+    pub const RUN: &str = "run";
+    pub const ALL: [&str; 5] = [LIST, GET, FILES, ADHOC, RUN];
+}
+
+/// `svc.exporter.<org>.jobs.<op>`: export jobs.
+pub fn exporter_request(org: &str, op: &str) -> String {
+    format!("svc.exporter.{org}.jobs.{op}")
+}
+
 /// `svc.ingest.<org>.submit`: a batch of measurements.
 pub fn ingest_submit(org: &str) -> String {
     format!("svc.ingest.{org}.submit")

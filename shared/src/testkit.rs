@@ -5,6 +5,12 @@
 //! port from the ports file the server writes, and kills it on drop. The
 //! binary is found at `$NATS_SERVER_BIN`, else in the project's `.tools/`
 //! (where `make test` installs it), else on `PATH`.
+//!
+//! [`S3Server::start`] runs `s3s-fs`, an S3-compatible server storing
+//! objects as files, on a free port in a fresh temp dir with its own access
+//! key and secret. The binary is found at `$S3S_FS_BIN`, else in the
+//! per-machine cache where `make tools` installs it
+//! (`~/.cache/meterline/s3s-fs-<version>/bin/s3s-fs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -155,6 +161,142 @@ impl Drop for NatsServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// The `s3s-fs` version `make tools` installs.
+pub const S3S_FS_VERSION: &str = "0.14.1";
+
+/// Where the `s3s-fs` binary is: `$S3S_FS_BIN`, else the per-machine cache
+/// (`$XDG_CACHE_HOME` or `~/.cache`, then `meterline/s3s-fs-<version>`).
+pub fn s3s_fs_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("S3S_FS_BIN") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache
+        .join("meterline")
+        .join(format!("s3s-fs-{S3S_FS_VERSION}"))
+        .join("bin")
+        .join("s3s-fs")
+}
+
+/// A running `s3s-fs` (an S3-compatible server keeping objects as files),
+/// killed and cleaned up on drop. Buckets are folders of its root.
+pub struct S3Server {
+    child: Option<Child>,
+    dir: TempDir,
+    port: u16,
+    access_key: String,
+    secret_key: String,
+}
+
+impl S3Server {
+    /// Starts a server on a free port with a fresh root and fresh keys.
+    pub fn start() -> S3Server {
+        crate::telemetry::init_for_tests();
+        let dir = tempfile::Builder::new()
+            .prefix("meterline-s3-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("root")).expect("s3 root");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let suffix = ulid::Ulid::new().to_string().to_ascii_lowercase();
+        let mut server = S3Server {
+            child: None,
+            dir,
+            port,
+            access_key: format!("AK{}", &suffix[..16]),
+            secret_key: format!("secret-{suffix}"),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let bin = s3s_fs_bin();
+        let child = Command::new(&bin)
+            .arg("--host")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--access-key")
+            .arg(&self.access_key)
+            .arg("--secret-key")
+            .arg(&self.secret_key)
+            .arg(self.dir.path().join("root"))
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run s3s-fs ({}): {e}. Run `make tools` (it installs s3s-fs {S3S_FS_VERSION} \
+                     once per machine with `cargo install`), or set S3S_FS_BIN.",
+                    bin.display()
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "s3s-fs exited at start ({status}); is port {} taken?",
+                    self.port
+                );
+            }
+            assert!(Instant::now() < deadline, "s3s-fs did not listen in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn access_key(&self) -> &str {
+        &self.access_key
+    }
+
+    pub fn secret_key(&self) -> &str {
+        &self.secret_key
+    }
+
+    /// Creates a bucket (a folder of the server's root).
+    pub fn create_bucket(&self, name: &str) {
+        std::fs::create_dir_all(self.dir.path().join("root").join(name)).expect("bucket folder");
+    }
+
+    /// Stops the server as a crash would (SIGKILL); [`S3Server::resume`]
+    /// starts it again on the same port and data.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a killed server again.
+    pub fn resume(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -29,12 +29,16 @@
 //! | POST | `/organizations/{orgId}/fileuploads/measurements/generateUploadUrl` | `svc.ingest.<org>.upload.create` |
 //! | GET | `/organizations/{orgId}/fileuploads/measurements/jobs[/{id}[/original]]` | `svc.ingest.<org>.upload.list` / `.get` |
 //! | PUT, GET | `/uploads/measurements/{jobId}` (signed URL, no token) | `.upload.start`, object store `upload_files`, `UPLOADS` |
+//! | GET | `/organizations/{orgId}/dataexports/jobs[/{id}[/getdownloadurl]]` | `svc.exporter.<org>.jobs.list` / `.get` / `.files` |
+//! | POST | `/organizations/{orgId}/dataexports/adhoc`, `.../schedules/{id}/run` | `svc.exporter.<org>.jobs.adhoc` / `.run` |
+//! | GET | `/exports/files/<name>` (signed URL, no token) | object store `export_files` |
 //! | GET, POST, PUT | events, `notifications/evaluate`, webhook `active`, dead letters ([`notifications`]) | `svc.notifier.<org>.<op>` |
 //! | GET | `/openapi.json`, `/docs/openapi.json`, `/healthz` | — |
 
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod exports;
 pub mod forward;
 pub mod measurements;
 pub mod notifications;
@@ -316,9 +320,14 @@ pub fn router(state: AppState) -> Router {
             ratelimit::limit_config_routes,
         ))
         .with_state(state.clone());
+    let data_exports = exports::routes(&state).route_layer(from_fn_with_state(
+        state.clone(),
+        ratelimit::limit_config_routes,
+    ));
     let organizations = config
         .merge(measurements)
         .merge(file_uploads)
+        .merge(data_exports)
         .merge(notifications::routes(&state))
         .route_layer(from_fn_with_state(state.clone(), auth::require_bearer));
     let public = Router::new()
@@ -328,6 +337,7 @@ pub fn router(state: AppState) -> Router {
             uploads::FILE_PATH,
             put(uploads::put_file).get(uploads::get_file),
         )
+        .route(exports::FILE_PATH, get(exports::get_file))
         .route("/openapi.json", get(openapi))
         .route("/docs/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))

@@ -179,9 +179,14 @@ impl UploadState {
             })
     }
 
+    /// The URL signer (export downloads sign with the same key).
+    pub(crate) fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
     /// Where clients reach this gateway: `public_url`, else the request's
     /// `Host` (and `X-Forwarded-Proto`, if a proxy set it).
-    fn base_url(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+    pub(crate) fn base_url(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         if let Some(url) = &self.public_url {
             return Ok(url.clone());
         }

@@ -1,0 +1,390 @@
+//! Exports: rows exported per second by real export jobs, beside the raw
+//! ordered-consumer replay of the same `ENTITIES` messages in the same run.
+//!
+//! `BENCH_EXPORT_ENTITIES` accounts (default 1,000,000) are written to
+//! `ENTITIES` as entity events, then exported by the exporter (in this
+//! process, pulling its jobs from `JOBS` like any replica): an initial
+//! export to the local download store (`export_files`) and one to an S3
+//! server (`s3s-fs`, real HTTP), then `BENCH_EXPORT_CHANGES` updates
+//! (default 100,000) and the incremental export of that window to each.
+//! Each figure is the job's rows over its wall time (from the request's
+//! publish to its record becoming `SUCCEEDED`), beside a raw ordered
+//! consumer reading the same messages (the whole type for the initial
+//! export, the window for the incremental one) with nothing done to them.
+//! Peak memory is the process's peak resident set during each export, over
+//! what it held before (Linux `VmHWM`, reset before each job).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use meterline_shared::envelope::{Action, EntityEvent};
+use meterline_shared::exportjob::{job_key, ExportJobRecord, ExportJobRequest, JobStatus, Trigger};
+use meterline_shared::seal::Sealer;
+use meterline_shared::testkit::{NatsServer, Running, S3Server};
+use meterline_shared::{provision, subjects};
+
+use crate::{env_usize, Row};
+
+const ORG: &str = "bench-export";
+
+fn account(i: usize, version: u64) -> Value {
+    json!({
+        "id": format!("acct-{i:08}"),
+        "version": version,
+        "name": format!("Account {i} (v{version})"),
+        "code": format!("account-{i}"),
+        "emailAddress": format!("billing+{i}@example.com"),
+        "currency": "USD",
+        "daysBeforeBillDue": 30,
+        "address": {"addressLine1": "1 Main Street", "locality": "Springfield", "country": "US"},
+        "customFields": {"tier": "gold", "seats": 12},
+        "dtCreated": "2026-11-01T10:00:00.000Z",
+        "dtLastModified": "2026-11-01T10:00:00.000Z",
+        "createdBy": "bench",
+        "lastModifiedBy": "bench",
+    })
+}
+
+fn event(
+    ty: &str,
+    id: &str,
+    action: Action,
+    new: Option<Value>,
+    old: Option<Value>,
+) -> EntityEvent {
+    EntityEvent {
+        id: uuid::Uuid::now_v7().to_string(),
+        event_name: format!("configuration.{ty}.{}", action.as_str()),
+        event_time: Utc::now(),
+        org_id: ORG.into(),
+        entity_type: ty.into(),
+        entity_id: id.into(),
+        action,
+        actor: "bench".into(),
+        new,
+        old,
+    }
+}
+
+/// Appends events to `ENTITIES` with many publishes in flight.
+async fn write(
+    js: &jetstream::Context,
+    events: impl Iterator<Item = EntityEvent>,
+) -> anyhow::Result<()> {
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for ev in events {
+        let subject = subjects::entity(ORG, &ev.entity_type, &ev.entity_id);
+        let ack = js
+            .publish(subject, Bytes::from(serde_json::to_vec(&ev)?))
+            .await?;
+        acks.push(async move { ack.await });
+        while acks.len() >= 1024 {
+            if let Some(a) = acks.next().await {
+                a?;
+            }
+        }
+    }
+    while let Some(a) = acks.next().await {
+        a?;
+    }
+    Ok(())
+}
+
+/// Reads every message of `filter` from `start` with an ordered consumer,
+/// doing nothing with them; returns how many and how long.
+async fn raw_replay(
+    stream: &jetstream::stream::Stream,
+    filter: &str,
+    start: u64,
+    to: u64,
+) -> anyhow::Result<(u64, Duration)> {
+    let t = Instant::now();
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.into(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut n = 0u64;
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        n += 1;
+        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if info.stream_sequence >= to || info.pending == 0 {
+            break;
+        }
+    }
+    Ok((n, t.elapsed()))
+}
+
+fn peak_rss_reset() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs one job for `schedule` and returns its record, its wall time and
+/// the peak memory it added (MiB).
+async fn export(
+    js: &jetstream::Context,
+    jobs: &jetstream::kv::Store,
+    schedule: &str,
+) -> anyhow::Result<(ExportJobRecord, Duration, f64)> {
+    let req = ExportJobRequest {
+        job_id: uuid::Uuid::new_v4().to_string(),
+        org_id: ORG.into(),
+        schedule_id: Some(schedule.into()),
+        slot: Utc::now(),
+        trigger: Trigger::Manual,
+        adhoc: None,
+    };
+    let base = status_kib("VmRSS:");
+    peak_rss_reset();
+    let t = Instant::now();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", req.job_id.as_str());
+    js.publish_with_headers(
+        subjects::export_job(ORG, schedule),
+        headers,
+        Bytes::from(serde_json::to_vec(&req)?),
+    )
+    .await?
+    .await?;
+    let mut watch = jobs.watch(job_key(ORG, &req.job_id)).await?;
+    let rec = loop {
+        let entry = tokio::time::timeout(Duration::from_secs(1800), watch.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("job watch ended"))??;
+        let rec: ExportJobRecord = serde_json::from_slice(&entry.value)?;
+        if rec.status.is_final() {
+            break rec;
+        }
+    };
+    let elapsed = t.elapsed();
+    anyhow::ensure!(
+        rec.status == JobStatus::Succeeded,
+        "export job failed: {:?}",
+        rec.error
+    );
+    let peak = status_kib("VmHWM:").saturating_sub(base) as f64 / 1024.0;
+    Ok((rec, elapsed, peak))
+}
+
+fn rows(
+    name: &str,
+    rec: &ExportJobRecord,
+    elapsed: Duration,
+    raw: (u64, Duration),
+    peak: f64,
+) -> Vec<Row> {
+    let ml = rec.rows as f64 / elapsed.as_secs_f64();
+    let raw_rate = raw.0 as f64 / raw.1.as_secs_f64();
+    vec![
+        Row {
+            figure: format!(
+                "{name}: rows/s ({} rows, {:.1} MB)",
+                rec.rows,
+                rec.bytes as f64 / 1e6
+            ),
+            meterline: format!("{ml:.0}"),
+            raw: format!("{raw_rate:.0}"),
+            ratio: format!("{:.2}", ml / raw_rate),
+        },
+        Row {
+            figure: format!("{name}: peak memory added, MiB"),
+            meterline: format!("{peak:.0}"),
+            raw: "-".into(),
+            ratio: "-".into(),
+        },
+    ]
+}
+
+pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
+    let n = env_usize("BENCH_EXPORT_ENTITIES", 1_000_000);
+    let changes = env_usize("BENCH_EXPORT_CHANGES", 100_000).min(n);
+    let client = nats.client().await;
+    // A long ack timeout: the bulk writes below keep many publishes in
+    // flight on a machine that flushes every write to disk.
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build(client.clone());
+    let s3 = S3Server::start();
+    s3.create_bucket("bench");
+
+    let settings = meterline_exporter::Settings {
+        workers: 1,
+        ..meterline_exporter::Settings::for_tests(nats.url())
+    };
+    let app = meterline_exporter::App::build(settings).await?;
+    let exporter = Running::spawn(|stop| app.run_until_stopped(stop));
+    let jobs = js.get_key_value(provision::EXPORT_JOBS_BUCKET).await?;
+    let entities = js.get_stream(subjects::ENTITIES_STREAM).await?;
+
+    // A destination on the S3 server (its secret sealed as entities seals
+    // it) and two schedules: one to it, one without destination.
+    let sealer = Sealer::from_base64(meterline_exporter::TEST_SEALING_KEY)?;
+    let dest = json!({
+        "id": "bench-s3", "version": 1, "name": "Bench S3", "code": "bench-s3",
+        "bucketName": "bench", "prefix": "exports", "endpointUrl": s3.endpoint(),
+        "pathStyle": true, "accessKeyId": s3.access_key(),
+        "secretAccessKey": sealer.seal(s3.secret_key()).map_err(|e| anyhow::anyhow!("{e}"))?,
+    });
+    let schedule = |id: &str, destinations: Vec<&str>| {
+        json!({
+            "id": id, "version": 1, "name": id, "code": id, "sourceType": "OPERATIONAL",
+            "operationalDataTypes": ["ACCOUNTS"], "destinationIds": destinations,
+            "scheduleType": "HOUR", "period": 1,
+        })
+    };
+    write(
+        &js,
+        [
+            event(
+                "exportdestination",
+                "bench-s3",
+                Action::Created,
+                Some(dest),
+                None,
+            ),
+            event(
+                "exportschedule",
+                "local",
+                Action::Created,
+                Some(schedule("local", vec![])),
+                None,
+            ),
+            event(
+                "exportschedule",
+                "s3",
+                Action::Created,
+                Some(schedule("s3", vec!["bench-s3"])),
+                None,
+            ),
+        ]
+        .into_iter(),
+    )
+    .await?;
+
+    let t = Instant::now();
+    write(
+        &js,
+        (0..n).map(|i| {
+            event(
+                "account",
+                &format!("acct-{i:08}"),
+                Action::Created,
+                Some(account(i, 1)),
+                None,
+            )
+        }),
+    )
+    .await?;
+    let sample = serde_json::to_vec(&event(
+        "account",
+        "x",
+        Action::Created,
+        Some(account(0, 1)),
+        None,
+    ))?
+    .len();
+    println!(
+        "exports: {n} accounts written to ENTITIES in {:.1}s ({sample} bytes each)",
+        t.elapsed().as_secs_f64()
+    );
+    let filter = subjects::entity_type_filter(ORG, "account");
+    let mut out = Vec::new();
+
+    // Initial exports: every account.
+    let raw = raw_replay(&entities, &filter, 1, u64::MAX).await?;
+    let (local, t_local, m_local) = export(&js, &jobs, "local").await?;
+    out.extend(rows(
+        "initial export to local files",
+        &local,
+        t_local,
+        raw,
+        m_local,
+    ));
+    let raw = raw_replay(&entities, &filter, 1, u64::MAX).await?;
+    let (remote, t_remote, m_remote) = export(&js, &jobs, "s3").await?;
+    out.extend(rows(
+        "initial export to S3",
+        &remote,
+        t_remote,
+        raw,
+        m_remote,
+    ));
+    anyhow::ensure!(
+        local.rows == n as u64 && remote.rows == n as u64,
+        "initial exports miss rows"
+    );
+
+    // A window of changes: updates of distinct accounts, spread over all.
+    let step = (n / changes.max(1)).max(1);
+    let t = Instant::now();
+    write(
+        &js,
+        (0..changes).map(|k| {
+            let i = (k * step) % n;
+            let id = format!("acct-{i:08}");
+            event(
+                "account",
+                &id,
+                Action::Updated,
+                Some(account(i, 2)),
+                Some(account(i, 1)),
+            )
+        }),
+    )
+    .await?;
+    println!(
+        "exports: {changes} updates written in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let from = local.to_sequence.unwrap_or(0) + 1;
+    let last = entities.get_info().await?.state.last_sequence;
+    let raw = raw_replay(&entities, &filter, from, last).await?;
+    let (local, t_local, m_local) = export(&js, &jobs, "local").await?;
+    out.extend(rows(
+        "incremental export to local files",
+        &local,
+        t_local,
+        raw,
+        m_local,
+    ));
+    let raw = raw_replay(&entities, &filter, from, last).await?;
+    let (remote, t_remote, m_remote) = export(&js, &jobs, "s3").await?;
+    out.extend(rows(
+        "incremental export to S3",
+        &remote,
+        t_remote,
+        raw,
+        m_remote,
+    ));
+    anyhow::ensure!(
+        local.rows == changes as u64 && remote.rows == changes as u64,
+        "incremental exports hold {} and {} rows, not {changes}",
+        local.rows,
+        remote.rows
+    );
+    exporter.stop().await;
+    Ok(out)
+}

@@ -1,0 +1,506 @@
+//! File formats of exports: CSV (the default) and JSONL, optionally gzipped.
+//!
+//! CSV has a header row of the entity type's export columns (the properties
+//! of its m3ter response schema, see [`meterline_shared::schema::columns`])
+//! plus `deleted`; nested values (objects, arrays) are written as JSON text,
+//! `null` and absent fields as empty cells, and cells are quoted as RFC 4180
+//! asks. An export with no rows is the header alone. JSONL is one JSON
+//! object per line: the entity as the API returns it, plus `deleted`.
+//!
+//! [`Encoder`] turns rows into bytes, compressing as it goes, and hands
+//! them out in chunks so a file is never held whole.
+
+use std::io::Write;
+
+use std::marker::PhantomData;
+
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+/// `exportFileFormat` of a schedule or ad-hoc export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Format {
+    Csv,
+    Jsonl,
+}
+
+impl Format {
+    /// From `exportFileFormat` (absent: CSV, m3ter's default).
+    pub fn parse(value: Option<&str>) -> Result<Format, String> {
+        match value {
+            None | Some("CSV") => Ok(Format::Csv),
+            Some("JSONL") => Ok(Format::Jsonl),
+            Some(other) => Err(format!(
+                "exportFileFormat {other:?} is not supported; use CSV or JSONL"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Csv => "CSV",
+            Format::Jsonl => "JSONL",
+        }
+    }
+
+    pub fn extension(self, gzip: bool) -> &'static str {
+        match (self, gzip) {
+            (Format::Csv, false) => "csv",
+            (Format::Csv, true) => "csv.gz",
+            (Format::Jsonl, false) => "jsonl",
+            (Format::Jsonl, true) => "jsonl.gz",
+        }
+    }
+
+    pub fn content_type(self, gzip: bool) -> &'static str {
+        match (self, gzip) {
+            (_, true) => "application/gzip",
+            (Format::Csv, false) => "text/csv",
+            (Format::Jsonl, false) => "application/x-ndjson",
+        }
+    }
+}
+
+/// One exported entity version: its state, and whether it was deleted.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub state: State,
+    pub deleted: bool,
+}
+
+/// An entity's state: inside the stored entity event (its `new`, or its
+/// `old` for tombstones and states as of an earlier sequence), written out
+/// straight from the event's bytes (the fast path); or parsed, when
+/// something must be looked at or changed.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// The message payload, shared with the message (no copy).
+    Event {
+        payload: Bytes,
+        from_old: bool,
+    },
+    Parsed(Map<String, Value>),
+}
+
+/// The two states of an entity event, each read as `T`.
+#[derive(serde::Deserialize)]
+struct Sides<T> {
+    #[serde(default = "none")]
+    new: Option<T>,
+    #[serde(default = "none")]
+    old: Option<T>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+impl<T> Sides<T> {
+    fn side(self, from_old: bool) -> Option<T> {
+        if from_old {
+            self.old
+        } else {
+            self.new
+        }
+    }
+}
+
+/// An object's fields in document order, borrowed from the text.
+struct Fields<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields<'a>, A::Error> {
+                let mut fields = Vec::with_capacity(32);
+                while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Visit(PhantomData))
+    }
+}
+
+impl Row {
+    pub fn parsed(state: Map<String, Value>, deleted: bool) -> Row {
+        Row {
+            state: State::Parsed(state),
+            deleted,
+        }
+    }
+
+    /// The state as a map, parsed on first use.
+    pub fn map(&mut self) -> &mut Map<String, Value> {
+        if let State::Event { payload, from_old } = &self.state {
+            let parsed = serde_json::from_slice::<Sides<Map<String, Value>>>(payload)
+                .ok()
+                .and_then(|s| s.side(*from_old))
+                .unwrap_or_default();
+            self.state = State::Parsed(parsed);
+        }
+        match &mut self.state {
+            State::Parsed(m) => m,
+            State::Event { .. } => unreachable!("parsed above"),
+        }
+    }
+}
+
+/// Appends the CSV cell of a JSON value given as its text.
+fn csv_raw(out: &mut Vec<u8>, text: &str) {
+    match text.as_bytes().first() {
+        None => {}
+        Some(b'n') if text == "null" => {}
+        Some(b'"') => {
+            let inner = &text[1..text.len().saturating_sub(1).max(1)];
+            if inner.contains('\\') {
+                match serde_json::from_str::<String>(text) {
+                    Ok(s) => csv_cell(out, &s),
+                    Err(_) => csv_cell(out, inner),
+                }
+            } else {
+                csv_cell(out, inner);
+            }
+        }
+        // Nested values: the stored JSON is already compact JSON text.
+        Some(b'{' | b'[') => csv_cell(out, text),
+        // Numbers and booleans, as written.
+        Some(_) => out.extend_from_slice(text.as_bytes()),
+    }
+}
+
+/// Appends one CSV cell to `out`, quoted when it must be.
+fn csv_cell(out: &mut Vec<u8>, text: &str) {
+    let needs_quotes = text
+        .bytes()
+        .any(|b| matches!(b, b',' | b'"' | b'\n' | b'\r'))
+        || text.starts_with(' ')
+        || text.ends_with(' ');
+    if !needs_quotes {
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
+    out.push(b'"');
+    for b in text.bytes() {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+}
+
+fn csv_value(out: &mut Vec<u8>, v: Option<&Value>) {
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => csv_cell(out, s),
+        Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Some(Value::Number(n)) => out.extend_from_slice(n.to_string().as_bytes()),
+        Some(nested) => csv_cell(out, &nested.to_string()),
+    }
+}
+
+/// The header line of a CSV file with `columns` (and `deleted`).
+pub fn csv_header(columns: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in columns {
+        csv_cell(&mut out, c);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"deleted\r\n");
+    out
+}
+
+/// Encodes one row into `out`.
+pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u8>) {
+    let deleted: &[u8] = if row.deleted { b"true" } else { b"false" };
+    match (format, &row.state) {
+        (Format::Csv, State::Parsed(state)) => {
+            for c in columns {
+                csv_value(out, state.get(c));
+                out.push(b',');
+            }
+            out.extend_from_slice(deleted);
+            out.extend_from_slice(b"\r\n");
+        }
+        (Format::Csv, State::Event { payload, from_old }) => {
+            // Field names of stored entities have no escapes; anything else
+            // takes the parsed path.
+            let fields = serde_json::from_slice::<Sides<Fields>>(payload)
+                .map(|s| s.side(*from_old).unwrap_or(Fields(Vec::new())));
+            match fields {
+                Ok(Fields(fields)) => {
+                    // Columns and fields are mostly in the same order: look
+                    // from where the last one was found.
+                    let mut hint = 0;
+                    for c in columns {
+                        let n = fields.len();
+                        if let Some(i) = (hint..n).chain(0..hint).find(|&i| fields[i].0 == c) {
+                            csv_raw(out, fields[i].1.get());
+                            hint = i + 1;
+                        }
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(deleted);
+                    out.extend_from_slice(b"\r\n");
+                }
+                Err(_) => {
+                    let mut parsed = row.clone();
+                    parsed.map();
+                    encode_row(format, columns, &parsed, out);
+                }
+            }
+        }
+        (Format::Jsonl, State::Parsed(state)) => {
+            let mut obj = state.clone();
+            obj.insert("deleted".into(), Value::Bool(row.deleted));
+            // A map of JSON values always serializes.
+            let _ = serde_json::to_writer(&mut *out, &obj);
+            out.push(b'\n');
+        }
+        (Format::Jsonl, State::Event { payload, from_old }) => {
+            // The stored object with `"deleted"` added before its `}`.
+            let raw = serde_json::from_slice::<Sides<&RawValue>>(payload)
+                .ok()
+                .and_then(|s| s.side(*from_old));
+            let text = raw.map(RawValue::get).unwrap_or("{}").trim_end();
+            let body = text.strip_suffix('}').unwrap_or(text).trim_end();
+            out.extend_from_slice(body.as_bytes());
+            if !body.ends_with('{') {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"deleted\":");
+            out.extend_from_slice(deleted);
+            out.extend_from_slice(b"}\n");
+        }
+    }
+}
+
+/// Turns rows into the bytes of one file (part), compressing if asked, and
+/// yields them in chunks of about `chunk` bytes.
+pub struct Encoder {
+    format: Format,
+    columns: Vec<String>,
+    gzip: Option<GzEncoder<Vec<u8>>>,
+    plain: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Bytes handed out so far (as stored: compressed when gzip).
+    emitted: u64,
+    rows: u64,
+}
+
+impl Encoder {
+    /// A new file: writes the CSV header first.
+    pub fn new(format: Format, columns: Vec<String>, gzip: bool) -> Encoder {
+        let mut e = Encoder {
+            format,
+            columns,
+            gzip: gzip.then(|| GzEncoder::new(Vec::with_capacity(1 << 20), Compression::fast())),
+            plain: Vec::with_capacity(1 << 20),
+            scratch: Vec::with_capacity(4096),
+            emitted: 0,
+            rows: 0,
+        };
+        if format == Format::Csv {
+            let header = csv_header(&e.columns);
+            e.append(&header);
+        }
+        e
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        match &mut self.gzip {
+            // Writing into a Vec cannot fail.
+            Some(gz) => {
+                let _ = gz.write_all(bytes);
+            }
+            None => self.plain.extend_from_slice(bytes),
+        }
+    }
+
+    /// The encoded size of `row`, written to the internal scratch buffer;
+    /// call [`Encoder::push_encoded`] to add it.
+    pub fn encode(&mut self, row: &Row) -> usize {
+        self.scratch.clear();
+        encode_row(self.format, &self.columns, row, &mut self.scratch);
+        self.scratch.len()
+    }
+
+    /// Adds the row last given to [`Encoder::encode`].
+    pub fn push_encoded(&mut self) {
+        let scratch = std::mem::take(&mut self.scratch);
+        self.append(&scratch);
+        self.scratch = scratch;
+        self.rows += 1;
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    fn buffered(&self) -> usize {
+        match &self.gzip {
+            Some(gz) => gz.get_ref().len(),
+            None => self.plain.len(),
+        }
+    }
+
+    /// The file's size so far, as stored (compressed output not yet flushed
+    /// by the compressor is not counted).
+    pub fn size(&self) -> u64 {
+        self.emitted + self.buffered() as u64
+    }
+
+    /// The bytes ready to go out, if at least `min` are.
+    pub fn take(&mut self, min: usize) -> Option<Vec<u8>> {
+        if self.buffered() < min.max(1) {
+            return None;
+        }
+        let out = match &mut self.gzip {
+            Some(gz) => std::mem::replace(gz.get_mut(), Vec::with_capacity(1 << 20)),
+            None => std::mem::replace(&mut self.plain, Vec::with_capacity(1 << 20)),
+        };
+        self.emitted += out.len() as u64;
+        Some(out)
+    }
+
+    /// Ends the file and returns its last bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        let out = match self.gzip.take() {
+            Some(gz) => gz.finish().unwrap_or_default(),
+            None => std::mem::take(&mut self.plain),
+        };
+        self.emitted += out.len() as u64;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(v: Value, deleted: bool) -> Row {
+        Row::parsed(v.as_object().unwrap().clone(), deleted)
+    }
+
+    fn raw(v: &Value, deleted: bool) -> Row {
+        let event = if deleted {
+            json!({"action": "deleted", "new": null, "old": v})
+        } else {
+            json!({"action": "updated", "old": {"id": "older"}, "new": v})
+        };
+        Row {
+            state: State::Event {
+                payload: Bytes::from(event.to_string()),
+                from_old: deleted,
+            },
+            deleted,
+        }
+    }
+
+    #[test]
+    fn stored_json_encodes_as_its_parsed_value_does() {
+        let cols: Vec<String> = ["id", "name", "tags", "n", "ok", "missing", "nothing"]
+            .map(String::from)
+            .to_vec();
+        for v in [
+            json!({"id": "a1", "name": "Acme, \"Inc\"\nLtd \u{e9}", "tags": {"k": [1, 2.5]}, "n": 1.5, "ok": true, "nothing": null}),
+            json!({"name": " padded ", "id": "x\\y"}),
+            json!({}),
+        ] {
+            for format in [Format::Csv, Format::Jsonl] {
+                for deleted in [false, true] {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    encode_row(format, &cols, &row(v.clone(), deleted), &mut a);
+                    encode_row(format, &cols, &raw(&v, deleted), &mut b);
+                    if format == Format::Csv {
+                        assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap());
+                    } else {
+                        let a: Value = serde_json::from_slice(&a).unwrap();
+                        let b: Value = serde_json::from_slice(&b).unwrap();
+                        assert_eq!(a, b);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn csv_quotes_what_it_must_and_writes_nested_values_as_json() {
+        let cols: Vec<String> = ["id", "name", "tags", "n", "missing"]
+            .map(String::from)
+            .to_vec();
+        let mut out = Vec::new();
+        encode_row(
+            Format::Csv,
+            &cols,
+            &row(
+                json!({"id": "a1", "name": "Acme, \"Inc\"\nLtd", "tags": {"k": [1, 2]}, "n": 1.5}),
+                false,
+            ),
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "a1,\"Acme, \"\"Inc\"\"\nLtd\",\"{\"\"k\"\":[1,2]}\",1.5,,false\r\n"
+        );
+        assert_eq!(csv_header(&cols), b"id,name,tags,n,missing,deleted\r\n");
+    }
+
+    #[test]
+    fn jsonl_is_the_entity_plus_deleted() {
+        let mut out = Vec::new();
+        encode_row(
+            Format::Jsonl,
+            &[],
+            &row(json!({"id": "a1", "version": 2}), true),
+            &mut out,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!({"id": "a1", "version": 2, "deleted": true}));
+        assert!(out.ends_with(b"\n"));
+    }
+
+    #[test]
+    fn gzip_output_decompresses_to_the_plain_output() {
+        let cols = vec!["id".to_string()];
+        let mut plain = Encoder::new(Format::Csv, cols.clone(), false);
+        let mut gz = Encoder::new(Format::Csv, cols, true);
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for i in 0..1000 {
+            let r = row(json!({ "id": format!("id{i}") }), false);
+            plain.encode(&r);
+            plain.push_encoded();
+            gz.encode(&r);
+            gz.push_encoded();
+            if let Some(c) = gz.take(100) {
+                b.extend(c);
+            }
+            if let Some(c) = plain.take(100) {
+                a.extend(c);
+            }
+        }
+        a.extend(plain.finish());
+        b.extend(gz.finish());
+        let mut d = flate2::read::GzDecoder::new(&b[..]);
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut d, &mut back).unwrap();
+        assert_eq!(back, a);
+        assert!(a.starts_with(b"id,deleted\r\nid0,false\r\n"));
+    }
+}

@@ -1,0 +1,1257 @@
+//! Running one export job, from its request to a final record.
+//!
+//! 1. The record in `export_jobs` is created if missing (ad-hoc, manual and
+//!    test-published jobs), and a final one ends the work at once: a
+//!    request seen twice runs once.
+//! 2. `RUNNING`; the job's window `(C, S]` is captured once and kept on the
+//!    record, so a retried or redelivered job writes the same files to the
+//!    same keys.
+//! 3. One file per entity type (split into parts at `split_bytes`) is
+//!    streamed to every destination at once, then a manifest per
+//!    destination, written last.
+//! 4. Only then: the cursor moves to `S` (revision checked), the
+//!    `export.complete.<org>.<schedule>` message is published with the job
+//!    id as message id, the `dataexport.job.success` Event, and `SUCCEEDED`.
+//!    Each step is safe to repeat: a job that crashed after moving the
+//!    cursor finds the cursor naming it and only finishes announcing.
+//!
+//! A failure that retrying cannot fix (schedule deleted, unknown entity
+//! type, missing destination) fails the job at once; any other is retried
+//! with backoff up to `max_attempts`. Either way a failed job leaves the
+//! cursor where it was and emits `dataexport.job.failure`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream::DirectGetErrorKind};
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::future::try_join_all;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use meterline_shared::codec::Codec;
+use meterline_shared::envelope::{EntityEvent, HEADER_EVENT_NAME};
+use meterline_shared::exportjob::{
+    ExportFile, ExportJobRecord, ExportJobRequest, JobStatus, ADHOC,
+};
+use meterline_shared::registry::{self, EntityType};
+use meterline_shared::seal::{self, Sealer};
+use meterline_shared::{schema, subjects, ErrorCode, ServiceError};
+
+use crate::destination::{self, DeliveryError, Destination, PartitionOrder, Upload, S3};
+use crate::format::{Encoder, Format, Row};
+use crate::jobs::{Cursor, Jobs};
+use crate::replay::{self, ReplayError, Window};
+
+pub const SUCCESS_EVENT: &str = "dataexport.job.success";
+pub const FAILURE_EVENT: &str = "dataexport.job.failure";
+
+/// Bytes handed to the destinations at a time.
+const CHUNK_BYTES: usize = 1 << 20;
+/// How often a running job's rows and bytes are written to its record.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What the runner needs from the service's settings.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub split_bytes: u64,
+    pub part_bytes: usize,
+    pub gzip: bool,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone)]
+pub enum JobError {
+    /// Retrying cannot help: the job fails now.
+    Permanent(String),
+    /// May work later: retried with backoff.
+    Transient(String),
+    /// The window is out of date (the cursor moved): run again at once with
+    /// a fresh window.
+    Stale(String),
+}
+
+impl JobError {
+    fn message(&self) -> &str {
+        match self {
+            JobError::Permanent(m) | JobError::Transient(m) | JobError::Stale(m) => m,
+        }
+    }
+}
+
+impl From<ServiceError> for JobError {
+    fn from(e: ServiceError) -> Self {
+        match e.code {
+            ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::TooManyRequests => {
+                JobError::Transient(e.message)
+            }
+            ErrorCode::Conflict => JobError::Stale(e.message),
+            _ => JobError::Permanent(e.message),
+        }
+    }
+}
+
+impl From<DeliveryError> for JobError {
+    fn from(e: DeliveryError) -> Self {
+        JobError::Transient(e.0)
+    }
+}
+
+impl From<ReplayError> for JobError {
+    fn from(e: ReplayError) -> Self {
+        JobError::Transient(e.to_string())
+    }
+}
+
+/// What to do with the job's `JOBS` message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The job is final: acknowledge.
+    Final(Box<ExportJobRecord>),
+    /// Try again after the delay (the message is redelivered).
+    Retry(Duration),
+}
+
+/// One kind of file a job writes: an `operationalDataTypes` value.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportKind {
+    /// The `operationalDataTypes` value, e.g. `ACCOUNTS`.
+    pub export_type: &'static str,
+    /// The `type=` of keys and file names, e.g. `account`.
+    pub token: &'static str,
+    /// The entity type whose history is replayed.
+    pub source: &'static EntityType,
+    /// `PRICING_BANDS`: bands live inside pricings; one row per band.
+    pub bands: bool,
+}
+
+/// The `operationalDataTypes` value of pricing bands, which have no
+/// collection of their own.
+pub const PRICING_BANDS: &str = "PRICING_BANDS";
+
+impl ExportKind {
+    fn of(export_type: &str) -> Option<ExportKind> {
+        if export_type == PRICING_BANDS {
+            return Some(ExportKind {
+                export_type: PRICING_BANDS,
+                token: "pricingband",
+                source: registry::get("pricing")?,
+                bands: true,
+            });
+        }
+        let ty = registry::by_export_type(export_type)?;
+        Some(ExportKind {
+            export_type: ty.export_type?,
+            token: ty.name,
+            source: ty,
+            bands: false,
+        })
+    }
+
+    /// The columns of this kind's CSV files (before `deleted`).
+    pub fn columns(&self) -> Vec<String> {
+        if self.bands {
+            let mut cols: Vec<String> = schema::columns("PricingBand")
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            cols.extend(["pricingId".to_owned(), "bandType".to_owned()]);
+            return cols;
+        }
+        columns(self.source)
+    }
+
+    /// The rows a version of the source entity stands for.
+    fn expand(&self, mut row: Row) -> Vec<Row> {
+        if !self.bands {
+            return vec![row];
+        }
+        let deleted = row.deleted;
+        let state = row.map();
+        let pricing = state.get("id").cloned().unwrap_or(Value::Null);
+        let mut out = Vec::new();
+        for (field, kind) in [
+            ("pricingBands", "PRICING"),
+            ("overagePricingBands", "OVERAGE"),
+        ] {
+            for band in state
+                .get(field)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(mut state) = band.as_object().cloned() else {
+                    continue;
+                };
+                state.insert("pricingId".into(), pricing.clone());
+                state.insert("bandType".into(), Value::String(kind.into()));
+                out.push(Row::parsed(state, deleted));
+            }
+        }
+        out
+    }
+}
+
+/// What one job exports, resolved from its schedule or ad-hoc request.
+struct Spec {
+    types: Vec<ExportKind>,
+    format: Format,
+    destinations: Vec<Box<dyn Destination>>,
+    /// Ad-hoc `startDate`: only entities modified since.
+    since: Option<DateTime<Utc>>,
+}
+
+/// A file delivered to every destination.
+struct Delivered {
+    files: Vec<ExportFile>,
+    rows: u64,
+    bytes: u64,
+}
+
+/// Runs jobs. Cheap to clone.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    entities: jetstream::stream::Stream,
+    jobs: Jobs,
+    files: jetstream::object_store::ObjectStore,
+    sealer: Sealer,
+    settings: RunSettings,
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+/// The operational data type names a request gives, checked.
+pub fn export_types(value: Option<&Value>) -> Result<Vec<ExportKind>, String> {
+    let list = value
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or("operationalDataTypes must list at least one entity type")?;
+    let mut out: Vec<ExportKind> = Vec::new();
+    for v in list {
+        let name = v.as_str().unwrap_or_default();
+        let kind = ExportKind::of(name).ok_or_else(|| {
+            let mut known: Vec<&str> = registry::REGISTRY
+                .iter()
+                .filter_map(|t| t.export_type)
+                .collect();
+            known.push(PRICING_BANDS);
+            format!(
+                "entity type {v} cannot be exported; operationalDataTypes may hold {}",
+                known.join(", ")
+            )
+        })?;
+        if !out.iter().any(|t| t.export_type == kind.export_type) {
+            out.push(kind);
+        }
+    }
+    Ok(out)
+}
+
+/// Columns of a type's files: its response schema's properties, then its
+/// parent's id if the schema lacks it.
+pub fn columns(ty: &EntityType) -> Vec<String> {
+    let mut cols: Vec<String> = schema::columns(ty.response)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if let Some(p) = ty.parent {
+        if !cols.iter().any(|c| c == p.field) {
+            cols.push(p.field.to_owned());
+        }
+    }
+    cols
+}
+
+/// The key of part `part` (from 1) of a type's file.
+#[allow(clippy::too_many_arguments)]
+pub fn file_key(
+    prefix: &str,
+    order: PartitionOrder,
+    org: &str,
+    slot: DateTime<Utc>,
+    type_token: &str,
+    job: &str,
+    part: u32,
+    extension: &str,
+) -> String {
+    let date = slot.format("%Y-%m-%d");
+    let hour = slot.format("%H");
+    let dir = match order {
+        PartitionOrder::TimeFirst => {
+            format!("orgId={org}/date={date}/hour={hour}/type={type_token}")
+        }
+        PartitionOrder::TypeFirst => {
+            format!("orgId={org}/type={type_token}/date={date}/hour={hour}")
+        }
+    };
+    let name = if part <= 1 {
+        format!("{job}_{type_token}.{extension}")
+    } else {
+        format!("{job}_{type_token}_part{part:04}.{extension}")
+    };
+    join(prefix, &format!("{dir}/{name}"))
+}
+
+/// The key of a job's manifest: under `_manifests`, which Hive-style
+/// readers skip, so it never mixes into the data.
+pub fn manifest_key(prefix: &str, org: &str, job: &str) -> String {
+    join(prefix, &format!("orgId={org}/_manifests/{job}.json"))
+}
+
+fn join(prefix: &str, rest: &str) -> String {
+    if prefix.is_empty() {
+        rest.to_owned()
+    } else {
+        format!("{prefix}/{rest}")
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Runner {
+    pub fn new(
+        js: jetstream::Context,
+        entities: jetstream::stream::Stream,
+        jobs: Jobs,
+        files: jetstream::object_store::ObjectStore,
+        sealer: Sealer,
+        settings: RunSettings,
+    ) -> Runner {
+        Runner {
+            inner: Arc::new(Inner {
+                js,
+                entities,
+                jobs,
+                files,
+                sealer,
+                settings,
+            }),
+        }
+    }
+
+    pub fn jobs(&self) -> &Jobs {
+        &self.inner.jobs
+    }
+
+    pub fn files(&self) -> &jetstream::object_store::ObjectStore {
+        &self.inner.files
+    }
+
+    pub fn entities(&self) -> &jetstream::stream::Stream {
+        &self.inner.entities
+    }
+
+    pub fn js(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// The last stored state of an entity, `None` if missing or deleted.
+    pub async fn live_entity(
+        &self,
+        org: &str,
+        ty: &str,
+        id: &str,
+    ) -> Result<Option<Value>, ServiceError> {
+        match self
+            .inner
+            .entities
+            .direct_get_last_for_subject(subjects::entity(org, ty, id))
+            .await
+        {
+            Ok(m) => {
+                let ev: EntityEvent = serde_json::from_slice(&m.payload)
+                    .map_err(|e| ServiceError::internal(format!("undecodable entity: {e}")))?;
+                Ok(if ev.is_tombstone() { None } else { ev.new })
+            }
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(ServiceError::unavailable(format!(
+                "reading ENTITIES failed: {e}"
+            ))),
+        }
+    }
+
+    /// Runs (or resumes, or finishes announcing) one job. `delivered` is
+    /// how many times its message has been delivered.
+    pub async fn run(&self, req: &ExportJobRequest, cancel: &CancellationToken) -> Outcome {
+        let org = req.org_id.as_str();
+        let rec = match self.start(req).await {
+            Ok(Ok(rec)) => rec,
+            Ok(Err(done)) => return Outcome::Final(Box::new(done)),
+            Err(e) => {
+                tracing::warn!(org, job = %req.job_id, error = %e.message, "starting the export job failed");
+                return Outcome::Retry(self.backoff(1));
+            }
+        };
+        let attempt = rec.attempts;
+        let result = self.attempt(req, rec, cancel).await;
+        match result {
+            Ok(done) => Outcome::Final(Box::new(done)),
+            Err(JobError::Stale(m)) => {
+                tracing::info!(org, job = %req.job_id, reason = %m, "export window out of date; running again");
+                match self
+                    .inner
+                    .jobs
+                    .update(org, &req.job_id, |r| {
+                        r.from_sequence = None;
+                        r.to_sequence = None;
+                        r.files.clear();
+                        r.attempts = r.attempts.saturating_sub(1);
+                        Ok(())
+                    })
+                    .await
+                {
+                    Ok(_) => Outcome::Retry(Duration::from_millis(10)),
+                    Err(_) => Outcome::Retry(self.backoff(attempt)),
+                }
+            }
+            Err(_) if cancel.is_cancelled() => {
+                // Stopping: the job stays RUNNING and is resumed elsewhere.
+                Outcome::Retry(Duration::from_secs(1))
+            }
+            Err(JobError::Transient(m)) if attempt < self.inner.settings.max_attempts => {
+                let delay = self.backoff(attempt);
+                tracing::warn!(org, job = %req.job_id, attempt, retry_in = ?delay, error = %m, "export attempt failed");
+                let note = format!(
+                    "attempt {attempt} of {} failed: {m}",
+                    self.inner.settings.max_attempts
+                );
+                let _ = self
+                    .inner
+                    .jobs
+                    .update(org, &req.job_id, |r| {
+                        r.error = Some(note.clone());
+                        Ok(())
+                    })
+                    .await;
+                Outcome::Retry(delay)
+            }
+            Err(e) => {
+                let message = match &e {
+                    JobError::Transient(m) => format!("{m} (gave up after {attempt} attempts)"),
+                    other => other.message().to_owned(),
+                };
+                match self.fail(req, &message).await {
+                    Ok(rec) => Outcome::Final(Box::new(rec)),
+                    Err(e) => {
+                        tracing::warn!(org, job = %req.job_id, error = %e.message, "recording the failure failed");
+                        Outcome::Retry(self.backoff(attempt))
+                    }
+                }
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.inner.settings.retry_backoff;
+        base.saturating_mul(1 << attempt.saturating_sub(1).min(8))
+            .min(Duration::from_secs(600))
+    }
+
+    /// The record, created if missing and set `RUNNING`; `Err(final)` if
+    /// the job is already final.
+    async fn start(
+        &self,
+        req: &ExportJobRequest,
+    ) -> Result<Result<ExportJobRecord, ExportJobRecord>, ServiceError> {
+        let org = req.org_id.as_str();
+        if self.inner.jobs.entry(org, &req.job_id).await?.is_none() {
+            self.inner
+                .jobs
+                .create(org, &ExportJobRecord::pending(req, now()))
+                .await?;
+        }
+        let rec = self
+            .inner
+            .jobs
+            .update(org, &req.job_id, |r| {
+                if r.status.is_final() {
+                    return Ok(());
+                }
+                r.status = JobStatus::Running;
+                r.started_at.get_or_insert_with(now);
+                r.attempts += 1;
+                Ok(())
+            })
+            .await?;
+        if rec.status.is_final() {
+            return Ok(Err(rec));
+        }
+        Ok(Ok(rec))
+    }
+
+    /// Records the failure, emits its Event and returns the final record.
+    async fn fail(
+        &self,
+        req: &ExportJobRequest,
+        message: &str,
+    ) -> Result<ExportJobRecord, ServiceError> {
+        let org = req.org_id.as_str();
+        tracing::warn!(org, job = %req.job_id, error = message, "export job failed");
+        let rec = self.inner.jobs.get(org, &req.job_id).await?;
+        self.event(org, FAILURE_EVENT, &rec, Some(message)).await?;
+        let rec = self
+            .inner
+            .jobs
+            .update(org, &req.job_id, |r| {
+                if !r.status.is_final() {
+                    r.status = JobStatus::Failed;
+                    r.completed_at = Some(now());
+                    r.error = Some(message.to_owned());
+                }
+                Ok(())
+            })
+            .await?;
+        metrics::counter!("meterline_exporter_jobs_total", "status" => "failed").increment(1);
+        Ok(rec)
+    }
+
+    /// Publishes a `dataexport.job.*` Event about `rec`; its message id makes
+    /// a repeat a no-op.
+    async fn event(
+        &self,
+        org: &str,
+        name: &str,
+        rec: &ExportJobRecord,
+        error: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let event = json!({
+            "id": uuid::Uuid::now_v7().to_string(),
+            "eventName": name,
+            "eventTime": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            "orgId": org,
+            "jobId": rec.id,
+            "scheduleId": rec.schedule_id,
+            "trigger": rec.trigger,
+            "fromSequence": rec.from_sequence,
+            "toSequence": rec.to_sequence,
+            "rows": rec.rows,
+            "bytes": rec.bytes,
+            "files": rec.files,
+            "attempts": rec.attempts,
+            "error": error,
+        });
+        let mut headers = Codec::Json.headers();
+        headers.insert(HEADER_EVENT_NAME, name);
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(
+                serde_json::to_vec(&event).map_err(ServiceError::internal)?,
+            ))
+            .headers(headers)
+            .message_id(format!("{}.{name}", rec.id));
+        self.inner
+            .js
+            .send_publish(subjects::event(org, name), publish)
+            .await
+            .map_err(|e| {
+                ServiceError::unavailable(format!("publishing the {name} event failed: {e}"))
+            })?
+            .await
+            .map_err(|e| {
+                ServiceError::unavailable(format!("publishing the {name} event failed: {e}"))
+            })?;
+        Ok(())
+    }
+
+    /// The schedule or ad-hoc request this job runs, resolved.
+    async fn spec(&self, req: &ExportJobRequest) -> Result<Spec, JobError> {
+        let org = req.org_id.as_str();
+        let config: Value = match req.schedule_id.as_deref() {
+            Some(schedule) if schedule != ADHOC => self
+                .live_entity(org, "exportschedule", schedule)
+                .await?
+                .ok_or_else(|| {
+                    JobError::Permanent(format!(
+                        "export schedule {schedule} does not exist or was deleted"
+                    ))
+                })?,
+            _ => req.adhoc.clone().ok_or_else(|| {
+                JobError::Permanent("an ad-hoc job request carries no export request".into())
+            })?,
+        };
+        match config.get("sourceType").and_then(Value::as_str) {
+            None | Some("OPERATIONAL") => {}
+            Some(other) => {
+                return Err(JobError::Permanent(format!(
+                "sourceType {other} exports are not supported; only OPERATIONAL data is exported"
+            )))
+            }
+        }
+        let types =
+            export_types(config.get("operationalDataTypes")).map_err(JobError::Permanent)?;
+        let format = Format::parse(config.get("exportFileFormat").and_then(Value::as_str))
+            .map_err(JobError::Permanent)?;
+        let since = match config.get("startDate").and_then(Value::as_str) {
+            Some(s) => Some(
+                DateTime::parse_from_rfc3339(s)
+                    .map_err(|_| {
+                        JobError::Permanent(format!("startDate {s:?} is not a date-time"))
+                    })?
+                    .with_timezone(&Utc),
+            ),
+            None => None,
+        };
+        let ids: Vec<String> = config
+            .get("destinationIds")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut destinations: Vec<Box<dyn Destination>> = Vec::new();
+        for id in &ids {
+            subjects::validate_token("destinationId", id).map_err(JobError::from)?;
+            let state = self
+                .live_entity(org, "exportdestination", id)
+                .await?
+                .ok_or_else(|| {
+                    JobError::Permanent(format!(
+                        "export destination {id} does not exist or was deleted"
+                    ))
+                })?;
+            let sealer = &self.inner.sealer;
+            let cfg = destination::S3Config::from_entity(&state, |sealed| {
+                if sealed.starts_with(seal::PREFIX) {
+                    sealer.open(sealed).map_err(|e| {
+                        format!(
+                            "the secretAccessKey of destination {id} cannot be opened: {}",
+                            e.message
+                        )
+                    })
+                } else {
+                    Err(format!(
+                        "the secretAccessKey of destination {id} is not sealed"
+                    ))
+                }
+            })
+            .map_err(|m| JobError::Permanent(format!("destination {id}: {m}")))?;
+            destinations.push(Box::new(
+                S3::connect(cfg, self.inner.settings.part_bytes).await,
+            ));
+        }
+        if destinations.is_empty() {
+            destinations.push(Box::new(destination::ObjectStore::new(
+                self.inner.files.clone(),
+                format!("{org}/{}", req.job_id),
+            )));
+        }
+        Ok(Spec {
+            types,
+            format,
+            destinations,
+            since,
+        })
+    }
+
+    /// One attempt: window, files, manifest, cursor, announcements.
+    async fn attempt(
+        &self,
+        req: &ExportJobRequest,
+        rec: ExportJobRecord,
+        cancel: &CancellationToken,
+    ) -> Result<ExportJobRecord, JobError> {
+        let org = req.org_id.as_str();
+        let job = req.job_id.as_str();
+        let schedule = req
+            .schedule_id
+            .as_deref()
+            .filter(|s| *s != ADHOC && req.adhoc.is_none());
+        let spec = self.spec(req).await?;
+        // The cursor, and whether this job already moved it.
+        let cursor = match schedule {
+            Some(s) => self.inner.jobs.cursor(org, s).await?,
+            None => None,
+        };
+        let advanced = cursor
+            .as_ref()
+            .is_some_and(|(c, _)| c.job_id.as_deref() == Some(job));
+        let rec = match (rec.to_sequence, advanced) {
+            (Some(_), true) => rec,
+            (Some(_), false)
+                if rec.from_sequence
+                    != cursor.as_ref().map(|(c, _)| c.sequence).filter(|s| *s > 0) =>
+            {
+                return Err(JobError::Stale(
+                    "the schedule's cursor moved since the window was captured".into(),
+                ))
+            }
+            (Some(_), false) => rec,
+            (None, _) => {
+                let to = self
+                    .inner
+                    .entities
+                    .get_info()
+                    .await
+                    .map_err(|e| {
+                        JobError::Transient(format!("reading ENTITIES state failed: {e}"))
+                    })?
+                    .state
+                    .last_sequence;
+                let from = cursor.as_ref().map(|(c, _)| c.sequence).filter(|s| *s > 0);
+                self.inner
+                    .jobs
+                    .update(org, job, |r| {
+                        r.from_sequence = from;
+                        r.to_sequence = Some(to);
+                        r.error = None;
+                        Ok(())
+                    })
+                    .await?
+            }
+        };
+        let window = Window {
+            from: rec.from_sequence,
+            to: rec.to_sequence.unwrap_or(0),
+        };
+        let rec = if advanced && !rec.files.is_empty() {
+            rec
+        } else {
+            let delivered = self.deliver(req, &spec, window, cancel).await?;
+            self.inner
+                .jobs
+                .update(org, job, |r| {
+                    r.files = delivered.files.clone();
+                    r.rows = delivered.rows;
+                    r.bytes = delivered.bytes;
+                    r.error = None;
+                    Ok(())
+                })
+                .await?
+        };
+        if let (Some(s), false) = (schedule, advanced) {
+            let to = Cursor {
+                sequence: window.to,
+                job_id: Some(job.to_owned()),
+                updated_at: Some(now()),
+            };
+            self.inner
+                .jobs
+                .advance(org, s, cursor.as_ref().map(|(_, r)| *r), &to)
+                .await?;
+            tracing::info!(
+                org,
+                job,
+                schedule = s,
+                cursor = window.to,
+                "export cursor advanced"
+            );
+        }
+        self.announce(req, &spec, &rec).await?;
+        self.event(org, SUCCESS_EVENT, &rec, None).await?;
+        let done = self
+            .inner
+            .jobs
+            .update(org, job, |r| {
+                r.status = JobStatus::Succeeded;
+                r.completed_at = Some(now());
+                r.error = None;
+                Ok(())
+            })
+            .await?;
+        metrics::counter!("meterline_exporter_jobs_total", "status" => "succeeded").increment(1);
+        metrics::counter!("meterline_exporter_rows_total").increment(done.rows);
+        tracing::info!(
+            org,
+            job,
+            rows = done.rows,
+            bytes = done.bytes,
+            files = done.files.len(),
+            "export job succeeded"
+        );
+        Ok(done)
+    }
+
+    /// Publishes `export.complete.<org>.<schedule>` (message id = job id).
+    async fn announce(
+        &self,
+        req: &ExportJobRequest,
+        spec: &Spec,
+        rec: &ExportJobRecord,
+    ) -> Result<(), JobError> {
+        let org = req.org_id.as_str();
+        let token = req.schedule_id.as_deref().unwrap_or(ADHOC);
+        let message = Completion {
+            job_id: &rec.id,
+            schedule_id: rec.schedule_id.as_deref(),
+            org_id: org,
+            trigger: rec.trigger,
+            format: spec.format.as_str(),
+            compressed: self.inner.settings.gzip,
+            from_sequence: rec.from_sequence,
+            to_sequence: rec.to_sequence.unwrap_or(0),
+            rows: rec.rows,
+            bytes: rec.bytes,
+            files: &rec.files,
+            manifests: spec
+                .destinations
+                .iter()
+                .map(|d| manifest_uri(d.as_ref(), org, &rec.id))
+                .collect(),
+            completed_at: Utc::now(),
+        };
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(
+                serde_json::to_vec(&message).map_err(|e| JobError::Transient(e.to_string()))?,
+            ))
+            .headers(Codec::Json.headers())
+            .message_id(&rec.id);
+        self.inner
+            .js
+            .send_publish(subjects::export_complete(org, token), publish)
+            .await
+            .map_err(|e| JobError::Transient(format!("publishing export.complete failed: {e}")))?
+            .await
+            .map_err(|e| JobError::Transient(format!("publishing export.complete failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Writes every file to every destination, then the manifests.
+    async fn deliver(
+        &self,
+        req: &ExportJobRequest,
+        spec: &Spec,
+        window: Window,
+        cancel: &CancellationToken,
+    ) -> Result<Delivered, JobError> {
+        for dest in &spec.destinations {
+            dest.check().await?;
+        }
+        let mut all = Delivered {
+            files: Vec::new(),
+            rows: 0,
+            bytes: 0,
+        };
+        let mut progress = Progress {
+            runner: self,
+            org: &req.org_id,
+            job: &req.job_id,
+            rows: 0,
+            bytes: 0,
+            last: Instant::now(),
+        };
+        for ty in &spec.types {
+            let d = self
+                .deliver_type(req, spec, ty, window, cancel, &mut progress)
+                .await?;
+            all.rows += d.rows;
+            all.bytes += d.bytes;
+            all.files.extend(d.files);
+        }
+        for dest in &spec.destinations {
+            let files: Vec<&ExportFile> = all
+                .files
+                .iter()
+                .filter(|f| uri_belongs(dest.as_ref(), &f.uri))
+                .collect();
+            let manifest = json!({
+                "jobId": req.job_id,
+                "orgId": req.org_id,
+                "scheduleId": req.schedule_id,
+                "format": spec.format.as_str(),
+                "compressed": self.inner.settings.gzip,
+                "fromSequence": window.from,
+                "toSequence": window.to,
+                "rows": all.rows,
+                "bytes": all.bytes,
+                "files": files,
+            });
+            let key = manifest_key(dest.prefix(), &req.org_id, &req.job_id);
+            let mut up = dest.begin(&key, "application/json").await?;
+            let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
+            if let Err(e) = up.write(body).await {
+                up.abort().await;
+                return Err(e.into());
+            }
+            up.finish().await?;
+        }
+        Ok(all)
+    }
+
+    /// One kind's file (and its parts) to every destination.
+    async fn deliver_type(
+        &self,
+        req: &ExportJobRequest,
+        spec: &Spec,
+        ty: &ExportKind,
+        window: Window,
+        cancel: &CancellationToken,
+        progress: &mut Progress<'_>,
+    ) -> Result<Delivered, JobError> {
+        let (tx, mut rx) = mpsc::channel::<Vec<Row>>(16);
+        let stream = self.inner.entities.clone();
+        let (org, name) = (req.org_id.clone(), ty.source.name);
+        let stop = cancel.child_token();
+        let mut reader = {
+            let stop = stop.clone();
+            tokio::spawn(
+                async move { replay::replay(&stream, &org, name, window, &tx, &stop).await },
+            )
+        };
+        let written = self
+            .write_parts(req, spec, ty, &mut rx, &mut reader, progress)
+            .await;
+        drop(rx);
+        if written.is_err() {
+            stop.cancel();
+            reader.abort();
+        }
+        written
+    }
+
+    async fn write_parts(
+        &self,
+        req: &ExportJobRequest,
+        spec: &Spec,
+        ty: &ExportKind,
+        rows: &mut mpsc::Receiver<Vec<Row>>,
+        reader: &mut tokio::task::JoinHandle<Result<u64, ReplayError>>,
+        progress: &mut Progress<'_>,
+    ) -> Result<Delivered, JobError> {
+        let settings = &self.inner.settings;
+        let cols = ty.columns();
+        let type_token = ty.token;
+        let ext = spec.format.extension(settings.gzip);
+        let content_type = spec.format.content_type(settings.gzip);
+        let mut out = Delivered {
+            files: Vec::new(),
+            rows: 0,
+            bytes: 0,
+        };
+        let mut part = 1u32;
+        let mut file = PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
+        let mut enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
+        let secrets = ty.source.secrets;
+        while let Some(batch) = rows.recv().await {
+            for mut source_row in batch {
+                if let Some(since) = spec.since {
+                    if !modified_since(&mut source_row, since) {
+                        continue;
+                    }
+                }
+                if !secrets.is_empty() {
+                    let state = source_row.map();
+                    let mut v = Value::Object(std::mem::take(state));
+                    seal::mask_fields(secrets, &mut v);
+                    if let Value::Object(m) = v {
+                        *state = m;
+                    }
+                }
+                for row in ty.expand(source_row) {
+                    let n = enc.encode(&row) as u64;
+                    if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
+                        let last = enc.finish();
+                        file.write(Bytes::from(last)).await?;
+                        let rows_in_part = file.rows;
+                        out.push(file.finish(ty, rows_in_part).await?);
+                        part += 1;
+                        file = PartWriter::begin(spec, req, type_token, part, ext, content_type)
+                            .await?;
+                        enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
+                        enc.encode(&row);
+                    }
+                    enc.push_encoded();
+                    file.rows += 1;
+                    if let Some(chunk) = enc.take(CHUNK_BYTES) {
+                        progress.add(0, chunk.len() as u64);
+                        file.write(Bytes::from(chunk)).await?;
+                    }
+                    progress.add(1, 0);
+                }
+            }
+            progress.maybe_save().await;
+        }
+        // The last part is completed only if the replay ended well: a
+        // partial file never becomes visible under its final name.
+        let read = match reader.await {
+            Ok(r) => r.map_err(JobError::from),
+            Err(e) => Err(JobError::Transient(format!("the replay stopped: {e}"))),
+        };
+        if let Err(e) = read {
+            file.abort().await;
+            return Err(e);
+        }
+        let last = enc.finish();
+        progress.add(0, last.len() as u64);
+        file.write(Bytes::from(last)).await?;
+        let rows_in_part = file.rows;
+        out.push(file.finish(ty, rows_in_part).await?);
+        Ok(out)
+    }
+}
+
+impl Delivered {
+    fn push(&mut self, (files, rows, bytes): (Vec<ExportFile>, u64, u64)) {
+        self.files.extend(files);
+        self.rows += rows;
+        self.bytes += bytes;
+    }
+}
+
+fn modified_since(row: &mut Row, since: DateTime<Utc>) -> bool {
+    let state = row.map();
+    ["dtLastModified", "dtCreated"]
+        .iter()
+        .filter_map(|f| state.get(*f).and_then(Value::as_str))
+        .filter_map(|s| DateTime::parse_from_rfc3339(s).ok())
+        .any(|t| t.with_timezone(&Utc) >= since)
+}
+
+fn manifest_uri(dest: &dyn Destination, org: &str, job: &str) -> String {
+    dest.uri(&manifest_key(dest.prefix(), org, job))
+}
+
+fn uri_belongs(dest: &dyn Destination, uri: &str) -> bool {
+    uri.starts_with(&dest.uri(dest.prefix()))
+}
+
+/// One part being written to every destination, with its checksum.
+struct PartWriter {
+    uploads: Vec<Box<dyn Upload>>,
+    hash: Sha256,
+    bytes: u64,
+    rows: u64,
+}
+
+impl PartWriter {
+    async fn begin(
+        spec: &Spec,
+        req: &ExportJobRequest,
+        type_token: &str,
+        part: u32,
+        ext: &str,
+        content_type: &str,
+    ) -> Result<PartWriter, JobError> {
+        let mut uploads = Vec::new();
+        for dest in &spec.destinations {
+            let key = file_key(
+                dest.prefix(),
+                dest.partition_order(),
+                &req.org_id,
+                req.slot,
+                type_token,
+                &req.job_id,
+                part,
+                ext,
+            );
+            match dest.begin(&key, content_type).await {
+                Ok(u) => uploads.push(u),
+                Err(e) => {
+                    for u in uploads {
+                        u.abort().await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(PartWriter {
+            uploads,
+            hash: Sha256::new(),
+            bytes: 0,
+            rows: 0,
+        })
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> Result<(), JobError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.hash.update(&chunk);
+        self.bytes += chunk.len() as u64;
+        let r = try_join_all(self.uploads.iter_mut().map(|u| u.write(chunk.clone()))).await;
+        if let Err(e) = r {
+            for u in self.uploads.drain(..) {
+                u.abort().await;
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    async fn abort(self) {
+        for u in self.uploads {
+            u.abort().await;
+        }
+    }
+
+    /// Completes the part everywhere: its files, rows and bytes.
+    async fn finish(
+        self,
+        ty: &ExportKind,
+        rows: u64,
+    ) -> Result<(Vec<ExportFile>, u64, u64), JobError> {
+        let sha = hex(&self.hash.finalize());
+        let uris = try_join_all(self.uploads.into_iter().map(|u| u.finish())).await?;
+        let files = uris
+            .into_iter()
+            .map(|uri| ExportFile {
+                uri,
+                entity_type: ty.export_type.to_owned(),
+                rows,
+                bytes: self.bytes,
+                sha256: sha.clone(),
+            })
+            .collect();
+        Ok((files, rows, self.bytes))
+    }
+}
+
+/// Rows and bytes written so far, saved on the record now and then.
+struct Progress<'a> {
+    runner: &'a Runner,
+    org: &'a str,
+    job: &'a str,
+    rows: u64,
+    bytes: u64,
+    last: Instant,
+}
+
+impl Progress<'_> {
+    fn add(&mut self, rows: u64, bytes: u64) {
+        self.rows += rows;
+        self.bytes += bytes;
+    }
+
+    async fn maybe_save(&mut self) {
+        if self.last.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        let (rows, bytes) = (self.rows, self.bytes);
+        let _ = self
+            .runner
+            .inner
+            .jobs
+            .update(self.org, self.job, |r| {
+                r.rows = rows;
+                r.bytes = bytes;
+                Ok(())
+            })
+            .await;
+    }
+}
+
+/// The `export.complete.<org>.<schedule>` message.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Completion<'a> {
+    job_id: &'a str,
+    schedule_id: Option<&'a str>,
+    org_id: &'a str,
+    trigger: meterline_shared::exportjob::Trigger,
+    format: &'a str,
+    compressed: bool,
+    /// `C`, exclusive; absent for an initial (full) export.
+    from_sequence: Option<u64>,
+    /// `S`, inclusive.
+    to_sequence: u64,
+    rows: u64,
+    bytes: u64,
+    files: &'a [ExportFile],
+    manifests: Vec<String>,
+    completed_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_hive_layout_in_both_orders() {
+        let slot = DateTime::parse_from_rfc3339("2026-06-01T10:15:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            file_key(
+                "exports/m3",
+                PartitionOrder::TimeFirst,
+                "o1",
+                slot,
+                "account",
+                "j1",
+                1,
+                "csv"
+            ),
+            "exports/m3/orgId=o1/date=2026-06-01/hour=10/type=account/j1_account.csv"
+        );
+        assert_eq!(
+            file_key(
+                "",
+                PartitionOrder::TypeFirst,
+                "o1",
+                slot,
+                "bill",
+                "j1",
+                3,
+                "jsonl.gz"
+            ),
+            "orgId=o1/type=bill/date=2026-06-01/hour=10/j1_bill_part0003.jsonl.gz"
+        );
+        assert_eq!(
+            manifest_key("p", "o1", "j1"),
+            "p/orgId=o1/_manifests/j1.json"
+        );
+    }
+
+    #[test]
+    fn export_types_are_checked_against_the_registry() {
+        let ok = export_types(Some(&json!([
+            "ACCOUNTS",
+            "BILLS",
+            "ACCOUNTS",
+            "PRICING_BANDS"
+        ])))
+        .unwrap();
+        assert_eq!(
+            ok.iter().map(|t| t.token).collect::<Vec<_>>(),
+            ["account", "bill", "pricingband"]
+        );
+        let err = export_types(Some(&json!(["WIDGETS"]))).unwrap_err();
+        assert!(err.contains("WIDGETS") && err.contains("ACCOUNTS"), "{err}");
+        assert!(export_types(Some(&json!([]))).is_err());
+        assert!(export_types(None).is_err());
+    }
+
+    #[test]
+    fn pricing_bands_are_one_row_per_band_with_their_pricing() {
+        let kind = ExportKind::of(PRICING_BANDS).unwrap();
+        assert_eq!(kind.source.name, "pricing");
+        let state = json!({"id": "p1",
+            "pricingBands": [{"id": "b1", "lowerLimit": 0, "fixedPrice": 0, "unitPrice": 1.5},
+                             {"id": "b2", "lowerLimit": 100, "fixedPrice": 0, "unitPrice": 1}],
+            "overagePricingBands": [{"id": "b3", "lowerLimit": 0, "fixedPrice": 5, "unitPrice": 2}]});
+        let mut rows = kind.expand(Row::parsed(state.as_object().unwrap().clone(), true));
+        assert_eq!(rows.len(), 3);
+        assert!(rows
+            .iter_mut()
+            .all(|r| r.deleted && r.map()["pricingId"] == "p1"));
+        assert_eq!(rows[2].map()["bandType"], "OVERAGE");
+        let cols = kind.columns();
+        assert_eq!(&cols[..2], ["id", "lowerLimit"]);
+        assert!(cols.ends_with(&["pricingId".to_owned(), "bandType".to_owned()]));
+    }
+
+    #[test]
+    fn child_types_carry_their_parent_id_column() {
+        let cols = columns(registry::get("balancetransaction").unwrap());
+        assert!(cols.iter().any(|c| c == "balanceId"), "{cols:?}");
+        let cols = columns(registry::get("account").unwrap());
+        assert_eq!(cols.first().map(String::as_str), Some("id"));
+    }
+}
