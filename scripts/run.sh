@@ -23,7 +23,12 @@ GATEWAY_URL=http://127.0.0.1:8080
 GATEWAY_ADMIN=http://127.0.0.1:9100
 ENTITIES_ADMIN=http://127.0.0.1:9101
 INGEST_ADMIN=http://127.0.0.1:9102
-EXPORTER_ADMIN=http://127.0.0.1:9105
+SCHEDULER_ADMIN=http://127.0.0.1:9103
+EXPORTER_ADMIN=http://127.0.0.1:9104
+NOTIFIER_ADMIN=http://127.0.0.1:9105
+# Development only: webhooks may reach this machine (a receiver on
+# localhost). Production leaves the allow-list empty: public addresses only.
+DEV_WEBHOOK_ALLOW=127.0.0.0/8,::1/128
 DEV_ORG=dev
 
 # One NATS user per service (see nats.conf).
@@ -38,8 +43,8 @@ make --no-print-directory tools
 
 command -v curl >/dev/null || die "curl is needed (to wait for the servers)"
 
-say "building meterline-entities, meterline-ingest, meterline-exporter, meterline-gateway, meterline-admin (debug; the first build takes a few minutes)"
-cargo build --bin meterline-entities --bin meterline-ingest --bin meterline-exporter --bin meterline-gateway --bin meterline-admin
+say "building meterline-entities, meterline-ingest, meterline-scheduler, meterline-exporter, meterline-notifier, meterline-gateway, meterline-admin (debug; the first build takes a few minutes)"
+cargo build --bin meterline-entities --bin meterline-ingest --bin meterline-scheduler --bin meterline-exporter --bin meterline-notifier --bin meterline-gateway --bin meterline-admin
 
 # --- secrets ----------------------------------------------------------------
 
@@ -211,14 +216,22 @@ start_service() {
 }
 
 start_service entities entities \
-  METERLINE_ENTITIES_SEALING_KEY="$METERLINE_ENTITIES_SEALING_KEY"
+  METERLINE_ENTITIES_SEALING_KEY="$METERLINE_ENTITIES_SEALING_KEY" \
+  METERLINE_ENTITIES_WEBHOOK_ALLOW_NETWORKS="$DEV_WEBHOOK_ALLOW"
 ENTITIES_PID=${PIDS[-1]%%:*}
 start_service ingest ingest
 INGEST_PID=${PIDS[-1]%%:*}
+start_service scheduler scheduler
+SCHEDULER_PID=${PIDS[-1]%%:*}
 # The exporter opens destinations' sealed secretAccessKey with the same key.
 start_service exporter exporter \
   METERLINE_EXPORTER_SEALING_KEY="$METERLINE_ENTITIES_SEALING_KEY"
 EXPORTER_PID=${PIDS[-1]%%:*}
+# The notifier opens webhook secrets with the entities service's sealing key.
+start_service notifier notifier \
+  METERLINE_NOTIFIER_SEALING_KEY="$METERLINE_ENTITIES_SEALING_KEY" \
+  METERLINE_NOTIFIER_WEBHOOK_ALLOW_NETWORKS="$DEV_WEBHOOK_ALLOW"
+NOTIFIER_PID=${PIDS[-1]%%:*}
 start_service gateway gateway \
   METERLINE_GATEWAY_JWT_SECRET="$METERLINE_GATEWAY_JWT_SECRET" \
   METERLINE_GATEWAY_UPLOAD_SIGNING_KEY="$METERLINE_GATEWAY_UPLOAD_SIGNING_KEY"
@@ -226,7 +239,9 @@ GATEWAY_PID=${PIDS[-1]%%:*}
 
 wait_for meterline-entities "$ENTITIES_ADMIN/readyz" "$ENTITIES_PID" 60 "$RUN_DIR/entities.log"
 wait_for meterline-ingest "$INGEST_ADMIN/readyz" "$INGEST_PID" 60 "$RUN_DIR/ingest.log"
+wait_for meterline-scheduler "$SCHEDULER_ADMIN/readyz" "$SCHEDULER_PID" 60 "$RUN_DIR/scheduler.log"
 wait_for meterline-exporter "$EXPORTER_ADMIN/readyz" "$EXPORTER_PID" 60 "$RUN_DIR/exporter.log"
+wait_for meterline-notifier "$NOTIFIER_ADMIN/readyz" "$NOTIFIER_PID" 60 "$RUN_DIR/notifier.log"
 wait_for meterline-gateway "$GATEWAY_ADMIN/readyz" "$GATEWAY_PID" 60 "$RUN_DIR/gateway.log"
 
 # --- dev organization -------------------------------------------------------
@@ -296,8 +311,11 @@ Meterline is running.
   gateway admin        $GATEWAY_ADMIN/healthz  /readyz  /metrics
   entities admin       $ENTITIES_ADMIN/healthz  /readyz  /metrics
   ingest admin         $INGEST_ADMIN/healthz  /readyz  /metrics
+  scheduler admin      $SCHEDULER_ADMIN/healthz  /readyz  /metrics  /refused
   exporter admin       $EXPORTER_ADMIN/healthz  /readyz  /metrics
   data exports         no destination: files for $GATEWAY_URL/organizations/$ORG/dataexports/jobs/{jobId}/getdownloadurl
+  notifier admin       $NOTIFIER_ADMIN/healthz  /readyz  /metrics
+  webhooks             may reach $DEV_WEBHOOK_ALLOW (development only)
   NATS                 $NATS_URL   (user admin; NATS_USER/NATS_PASSWORD in $DEV_ENV)
   NATS monitoring      $NATS_MONITOR   (/varz /jsz /connz)
 
@@ -305,7 +323,7 @@ Meterline is running.
   access key           $KEY
   secret               $SECRET
 
-  logs                 $RUN_DIR/nats.log $RUN_DIR/entities.log $RUN_DIR/ingest.log $RUN_DIR/exporter.log $RUN_DIR/gateway.log
+  logs                 $RUN_DIR/nats.log $RUN_DIR/entities.log $RUN_DIR/ingest.log $RUN_DIR/scheduler.log $RUN_DIR/exporter.log $RUN_DIR/notifier.log $RUN_DIR/gateway.log
   data                 .data/jetstream   (delete with 'make clean-data')
 
 In another terminal, from $ROOT:
@@ -314,6 +332,7 @@ In another terminal, from $ROOT:
   curl -s -u "\$METERLINE_KEY:\$METERLINE_SECRET" -X POST "\$METERLINE_URL/oauth/token" \\
        -H 'content-type: application/json' -d '{"grant_type":"client_credentials"}'
   .tools/venv/bin/python scripts/bus.py watch     # every change, as events on JetStream
+  .tools/venv/bin/python scripts/bus.py jobs      # export jobs requested by the scheduler
   make sdk-check                                  # m3ter's Python SDK against this gateway
 
 Ctrl-C stops everything.
@@ -324,9 +343,9 @@ EOF
 # Returns when any child exits (then the others are stopped too) or a signal
 # arrives (then on_signal stops everything and exits 0).
 set +e
-wait -n "$NATS_PID" "$ENTITIES_PID" "$INGEST_PID" "$EXPORTER_PID" "$GATEWAY_PID"
+wait -n "$NATS_PID" "$ENTITIES_PID" "$INGEST_PID" "$SCHEDULER_PID" "$EXPORTER_PID" "$NOTIFIER_PID" "$GATEWAY_PID"
 set -e
-for p in "$NATS_PID:nats-server:nats" "$ENTITIES_PID:meterline-entities:entities" "$INGEST_PID:meterline-ingest:ingest" "$EXPORTER_PID:meterline-exporter:exporter" "$GATEWAY_PID:meterline-gateway:gateway"; do
+for p in "$NATS_PID:nats-server:nats" "$ENTITIES_PID:meterline-entities:entities" "$INGEST_PID:meterline-ingest:ingest" "$SCHEDULER_PID:meterline-scheduler:scheduler" "$EXPORTER_PID:meterline-exporter:exporter" "$NOTIFIER_PID:meterline-notifier:notifier" "$GATEWAY_PID:meterline-gateway:gateway"; do
   IFS=: read -r pid name logname <<<"$p"
   if ! kill -0 "$pid" 2>/dev/null; then
     echo "error: $name exited unexpectedly" >&2

@@ -72,7 +72,19 @@ PATHS = [
     "/organizations/{orgId}/fileuploads/measurements/jobs",
     "/organizations/{orgId}/fileuploads/measurements/jobs/{id}",
     "/organizations/{orgId}/fileuploads/measurements/jobs/{id}/original",
+    "/organizations/{orgId}/events",
+    "/organizations/{orgId}/events/{id}",
+    "/organizations/{orgId}/events/types",
+    "/organizations/{orgId}/events/fields",
+    "/organizations/{orgId}/notifications/evaluate",
+    "/organizations/{orgId}/integrationdestinations/webhooks/{id}/active",
 ]
+
+# Webhook deliveries that failed every retry, and their replay (Meterline).
+DEAD_LETTER_ROUTES = {
+    "/organizations/{orgId}/notifications/deadletters": ("get", "MeterlineListDeadLetters", "List webhook deliveries that failed every retry (Meterline)"),
+    "/organizations/{orgId}/notifications/deadletters/{id}/replay": ("post", "MeterlineReplayDeadLetter", "Queue a dead-lettered delivery again, with the same notification id (Meterline)"),
+}
 
 # Engine-computed entities that m3ter only lets you read: Meterline accepts
 # writes of them from the billing engine that computes them.
@@ -108,6 +120,18 @@ EXTRA_SCHEMAS = {
     },
 }
 
+
+# Meterline's additions to m3ter's own schemas, each marked `x-meterline`.
+ACTIVE = {
+    "type": "boolean",
+    "x-meterline": True,
+    "description": "Meterline: whether the Schedule runs (default true). An inactive Schedule "
+    "gets no export jobs; making it active again runs an export at once, then at its frequency.",
+}
+SCHEMA_ADDITIONS = {
+    "DataExportConfigurationRequestBase": {"active": ACTIVE},
+    "DataExportConfigurationResponseBase": {"active": ACTIVE},
+}
 
 # Fields Meterline adds to S3 export destinations, for S3-compatible stores
 # (GCS through its XML API, MinIO, Ceph, ...). With static keys the IAM role
@@ -179,6 +203,17 @@ def main():
         paths.setdefault(p, {})[method] = op
     for p, item in EXTRA_PATHS.items():
         paths[p] = copy.deepcopy(item)
+    for p, (method, op_id, summary) in DEAD_LETTER_ROUTES.items():
+        paths.setdefault(p, {})[method] = {
+            "tags": ["Notifications"],
+            "summary": summary,
+            "operationId": op_id,
+            "x-meterline": True,
+            "responses": {
+                "200": {"description": summary, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "4XX": {"$ref": "#/components/responses/Error"},
+            },
+        }
     doc = {
         "openapi": src["openapi"],
         "info": {
@@ -206,6 +241,10 @@ def main():
         refs(node, found)
         todo |= found - seen
     doc["components"]["schemas"].update(EXTRA_SCHEMAS)
+    for name, props in SCHEMA_ADDITIONS.items():
+        schema = copy.deepcopy(doc["components"]["schemas"][name])
+        schema["properties"].update(props)
+        doc["components"]["schemas"][name] = schema
     for name in ["ExportDestinationS3Request", "ExportDestinationS3Response"]:
         schema = doc["components"]["schemas"].get(name)
         if schema is None:

@@ -10,20 +10,29 @@
 //!   batches with de-duplication on, over the NATS request path and through
 //!   the gateway over HTTP, beside raw JetStream publishes of the same bytes
 //!   in the same grouping; p99 request latency; memory per remembered uid.
+//! - Scheduler ([`scheduler`]): with 10,000 active schedules, the delay from
+//!   a slot to its job request on `JOBS` (p50, p99) beside a bare timer
+//!   publishing at the same times, and CPU while idle between slots beside
+//!   the same process with nothing scheduled.
 //! - Exports ([`exports`]): rows per second of initial (1,000,000 entities)
 //!   and incremental (100,000 changes) export jobs to the download store and
 //!   to an S3 server, beside a raw ordered-consumer replay of the same
 //!   messages; the exporter's peak memory. `BENCH_EXPORT_ENTITIES`,
 //!   `BENCH_EXPORT_CHANGES` set the sizes.
+//! - Notifications ([`notifier`]): event-to-webhook latency at a steady
+//!   1000 events per second with 100 rules, and deliveries per second to a
+//!   local receiver, beside core NATS request/reply on the same server.
 //!
 //! The machine is shared and noisy: Meterline and raw runs alternate in
 //! rounds so both see the same background load. Sizes can be set with
-//! `BENCH_ENTITY_OPS`, `BENCH_INGEST_BATCHES` and `BENCH_CONCURRENCY`; `cargo run
+//! `BENCH_ENTITY_OPS`, `BENCH_INGEST_BATCHES`, `BENCH_SCHEDULES` and `BENCH_CONCURRENCY`; `cargo run
 //! --release -p meterline-bench -- ingest` runs only the named parts.
 
 mod entities;
 mod exports;
 mod ingest;
+mod notifier;
+mod scheduler;
 
 use std::time::{Duration, Instant};
 
@@ -156,8 +165,14 @@ async fn main() -> anyhow::Result<()> {
     if wanted("ingest") {
         rows.extend(ingest::run(&nats).await?);
     }
+    if wanted("scheduler") {
+        rows.extend(scheduler::run(&nats).await?);
+    }
     if wanted("exports") {
         rows.extend(exports::run(&nats).await?);
+    }
+    if wanted("notifier") {
+        rows.extend(notifier::run(&nats).await?);
     }
     println!();
     println!("| figure | Meterline | raw bus | ratio |");

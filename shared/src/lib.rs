@@ -6,9 +6,11 @@
 //! against ([`registry`], [`schema`]), codecs ([`codec`]), stream and bucket
 //! provisioning ([`provision`]), the sealing of secrets at rest ([`seal`]),
 //! the export job contract between scheduler, exporter and gateway
-//! ([`exportjob`]), settings, telemetry, graceful shutdown, the admin HTTP
-//! port, the error-code enum ([`error`]) and, behind the `testkit` feature,
-//! helpers that start real servers for tests.
+//! ([`exportjob`]), export schedule arithmetic and limits, shared by the
+//! entities service and the scheduler ([`schedule`]), where webhooks may
+//! connect ([`egress`]), settings, telemetry, graceful shutdown, the admin
+//! HTTP port, the error-code enum ([`error`]) and, behind the `testkit`
+//! feature, helpers that start real servers for tests.
 //!
 //! It owns no domain logic: what an entity write means lives in
 //! `meterline-entities`, what a route means lives in `meterline-gateway`.
@@ -16,12 +18,14 @@
 pub mod admin;
 pub mod bus;
 pub mod codec;
+pub mod egress;
 pub mod envelope;
 pub mod error;
 pub mod exportjob;
 pub mod protocol;
 pub mod provision;
 pub mod registry;
+pub mod schedule;
 pub mod schema;
 pub mod seal;
 pub mod serve;

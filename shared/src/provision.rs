@@ -383,3 +383,37 @@ pub fn export_files_bucket(replicas: usize) -> jetstream::object_store::Config {
         ..Default::default()
     }
 }
+
+/// `DELIVERIES`: the work queue of webhook deliveries (`notify.<org>.<webhook>`)
+/// and their retries. The message id is the notification id, so an event
+/// processed twice (after a crash) queues its notification once within the
+/// duplicate window; receivers dedupe on the same id beyond it.
+pub fn deliveries() -> Config {
+    Config {
+        name: crate::subjects::DELIVERIES_STREAM.into(),
+        description: Some("Meterline pending webhook deliveries".into()),
+        subjects: vec!["notify.>".into()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        max_age: 7 * DAY,
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    }
+}
+
+/// `DEADLETTERS`: deliveries that failed their last retry
+/// (`deadletter.<org>.<notification>`), kept 28 days or until replayed.
+pub fn dead_letters() -> Config {
+    Config {
+        name: crate::subjects::DEAD_LETTERS_STREAM.into(),
+        description: Some("Meterline webhook deliveries that failed every retry, 28 days".into()),
+        subjects: vec!["deadletter.>".into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: 28 * DAY,
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    }
+}

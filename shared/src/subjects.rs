@@ -8,6 +8,8 @@
 //! | `UPLOADS` | `upload.<org>.<job>` |
 //! | `JOBS` | `job.export.<org>.<schedule>` |
 //! | `EXPORTS` | `export.complete.<org>.<schedule>` |
+//! | `DELIVERIES` | `notify.<org>.<webhook>` |
+//! | `DEADLETTERS` | `deadletter.<org>.<notification>` |
 //! | requests | `svc.<service>.<org>.<...>.<op>` |
 
 use crate::error::ServiceError;
@@ -19,6 +21,39 @@ pub const MEASUREMENTS_STREAM: &str = "MEASUREMENTS";
 pub const UPLOADS_STREAM: &str = "UPLOADS";
 pub const JOBS_STREAM: &str = "JOBS";
 pub const EXPORTS_STREAM: &str = "EXPORTS";
+pub const DELIVERIES_STREAM: &str = "DELIVERIES";
+pub const DEAD_LETTERS_STREAM: &str = "DEADLETTERS";
+
+/// `notify.<org>.<webhook>`: one pending webhook delivery (a fired
+/// notification for one webhook), on the `DELIVERIES` work queue.
+pub fn delivery(org: &str, webhook: &str) -> String {
+    format!("notify.{org}.{webhook}")
+}
+
+/// `deadletter.<org>.<notification>`: a delivery that failed its last
+/// retry, kept on `DEADLETTERS` until it is replayed or expires.
+pub fn dead_letter(org: &str, notification: &str) -> String {
+    format!("deadletter.{org}.{notification}")
+}
+
+/// `svc.notifier.<org>.<op...>`: requests to the notifier (events API,
+/// evaluation, webhook activation, dead letters); see [`notifier_ops`].
+pub fn notifier_request(org: &str, op: &str) -> String {
+    format!("svc.notifier.{org}.{op}")
+}
+
+/// Operations of the notifier, the tokens after the org in its request
+/// subjects.
+pub mod notifier_ops {
+    pub const EVENTS_LIST: &str = "events.list";
+    pub const EVENTS_GET: &str = "events.get";
+    pub const EVENTS_TYPES: &str = "events.types";
+    pub const EVENTS_FIELDS: &str = "events.fields";
+    pub const EVALUATE: &str = "evaluate";
+    pub const WEBHOOK_ACTIVE: &str = "webhook.active";
+    pub const DEAD_LETTERS_LIST: &str = "deadletters.list";
+    pub const DEAD_LETTERS_REPLAY: &str = "deadletters.replay";
+}
 
 /// `job.export.<org>.<schedule>`: a request to run one export job (ad-hoc
 /// jobs use [`crate::exportjob::ADHOC`] as the schedule token).

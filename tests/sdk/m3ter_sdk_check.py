@@ -239,6 +239,64 @@ def main() -> None:
         now = client.accounts.retrieve(account.id)
         expect_eq(now.name, updated.name, "account name after a refused update")
 
+    @check("notifications: webhook, rule with m3ter's 90% calculation, link; set_active")
+    def webhook() -> Any:
+        hook = client.webhooks.create(
+            name=f"sdk_hook_{run}",
+            description="SDK check webhook",
+            url="https://hooks.example.com/m3ter",
+            credentials={"type": "M3TER_SIGNED_REQUEST", "api_key": "sdk-key", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
+        )
+        expect(bool(hook.id), "created webhook has no id")
+        rule = client.notification_configurations.create(
+            code=f"sdk_rule_{run}",
+            name="Commitment 90% spent",
+            description="SDK check rule",
+            event_name="configuration.commitment.updated",
+            calculation="(new.amountSpent >= ((new.amount*100)/90)) AND ((old.amountSpent <= ((old.amount*100)/90)) OR (old.amountSpent == null))",
+            active=True,
+        )
+        expect(bool(rule.id), "created notification rule has no id")
+        link = client.integration_configurations.create(
+            entity_type="Notification", entity_id=rule.id, destination="Webhook", destination_id=hook.id
+        )
+        expect(bool(link.id), "created integration config has no id")
+        off = client.webhooks.set_active(hook.id, active=False)
+        expect_eq(off.active, False, "webhook active after set_active(active=False)")
+        return hook
+
+    @check("a notification calculation that does not parse raises BadRequestError (400)")
+    def _() -> None:
+        e = expect_raises(
+            m3ter.BadRequestError,
+            400,
+            "a rule whose calculation does not parse",
+            lambda: strict.notification_configurations.create(
+                code=f"sdk_bad_rule_{run}", name="bad", description="bad",
+                event_name="configuration.account.updated", calculation="new.amount >",
+            ),
+        )
+        expect("at position" in str(e), f"the error names no position: {e}")
+
+    @check("events: list by resource, retrieve, get_types, get_fields")
+    def _() -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            events = list(client.events.list(resource_id=webhook.id, page_size=10))
+            if len(events) >= 2:
+                break
+            expect(time.monotonic() < deadline, f"{len(events)} events of the webhook after 30 s, expected 2")
+            time.sleep(0.05)
+        names = [e.event_name for e in events]
+        expect_eq(names, ["configuration.webhook.created", "configuration.webhook.updated"], "the webhook's events")
+        one = client.events.retrieve(events[0].id)
+        expect_eq((one.id, one.event_name), (events[0].id, events[0].event_name), "retrieved event")
+        types = client.events.get_types()
+        expect("configuration.commitment.updated" in (types.events or []), "commitment events missing from get_types")
+        fields = client.events.get_fields(event_name="configuration.commitment.updated")
+        got = (fields.events or {}).get("configuration.commitment.updated", {})
+        expect_eq(got.get("new.amountSpent"), "double", "type of new.amountSpent")
+
     @check("invalid body raises BadRequestError (400)")
     def _() -> None:
         expect_raises(

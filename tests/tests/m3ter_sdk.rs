@@ -65,6 +65,11 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
             .await
             .expect("build exporter");
     let exporter = Running::spawn(|stop| exporter.run_until_stopped(stop));
+    let notifier =
+        meterline_notifier::App::build(meterline_notifier::Settings::for_tests(nats.url()))
+            .await
+            .expect("build notifier");
+    let notifier = Running::spawn(|stop| notifier.run_until_stopped(stop));
     let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
         .await
         .expect("build gateway");
@@ -116,6 +121,7 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
     );
 
     gateway.stop().await;
+    notifier.stop().await;
     exporter.stop().await;
     ingest.stop().await;
     entities.stop().await;

@@ -40,6 +40,7 @@ pub struct Entities {
     pub(crate) index: Arc<Index>,
     codes: Codes,
     sealer: Sealer,
+    egress: meterline_shared::egress::Egress,
 }
 
 fn now() -> String {
@@ -88,7 +89,15 @@ impl Entities {
             index,
             codes,
             sealer,
+            egress: Default::default(),
         }
+    }
+
+    /// Where webhook URLs may point: public addresses, plus the networks
+    /// the operator allows (none by default).
+    pub fn with_egress(mut self, egress: meterline_shared::egress::Egress) -> Self {
+        self.egress = egress;
+        self
     }
 
     pub fn sealer(&self) -> &Sealer {
@@ -195,6 +204,11 @@ impl Entities {
         schema::validate(schema_name, body, opts)
             .map_err(|errors| ServiceError::bad_request(errors.join("; ")))?;
         rules::check(ty.name, body)?;
+        if ty.name == "webhook" {
+            if let Some(url) = body.get("url").and_then(Value::as_str) {
+                self.egress.check_url(url)?;
+            }
+        }
         for r in ty.references {
             if let Some((field, value)) = r.when {
                 let matches = body

@@ -58,6 +58,11 @@ pub struct Settings {
     pub sealing_key: Secret,
     /// Requests handled at once by one replica.
     pub max_in_flight: usize,
+    /// Networks (CIDR, comma separated) webhook URLs may point into although
+    /// they are loopback or private, e.g. `127.0.0.0/8,::1/128` for local
+    /// development. Empty: webhooks must reach public addresses. Give the
+    /// notifier the same list.
+    pub webhook_allow_networks: String,
 }
 
 impl Default for Settings {
@@ -67,6 +72,7 @@ impl Default for Settings {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 9101)),
             sealing_key: Secret::default(),
             max_in_flight: 256,
+            webhook_allow_networks: String::new(),
         }
     }
 }
@@ -82,6 +88,7 @@ impl Settings {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             sealing_key: Secret::new("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="),
             max_in_flight: 256,
+            webhook_allow_networks: String::new(),
         }
     }
 }
@@ -123,7 +130,10 @@ impl App {
         .await?;
         let store = Store::open(js.clone()).await?;
         let index = Arc::new(Index::default());
-        let entities = Entities::new(store.clone(), index, Codes::new(codes), sealer);
+        let egress = meterline_shared::egress::Egress::parse(&settings.webhook_allow_networks)
+            .map_err(|e| anyhow::anyhow!("webhook_allow_networks: {e}"))?;
+        let entities =
+            Entities::new(store.clone(), index, Codes::new(codes), sealer).with_egress(egress);
         let auth = Auth::new(creds, store);
         let admin_listener = tokio::net::TcpListener::bind(settings.admin_addr).await?;
         let admin_addr = admin_listener.local_addr()?;

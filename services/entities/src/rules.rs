@@ -4,20 +4,20 @@
 //! optional `offset`), or a `cronExpression`; no more often than every 15
 //! minutes and no less often than every 3 days; an offset is minutes past the
 //! hour for hourly schedules and hours past midnight for daily ones.
-//! Scheduled event configurations: `entity` and `field` name a date field
-//! the registry knows.
+//! The arithmetic and the limits live in `meterline_shared::schedule`, so the
+//! scheduler refuses exactly what is refused here. Scheduled event
+//! configurations: `entity` and `field` name a date field the registry
+//! knows, and `name` reads `scheduled.<entity>.<event name>`.
 //! S3 export destinations: an `iamRoleArn`, or static `accessKeyId` and
 //! `secretAccessKey` (both or neither).
+//! Notification rules: a `calculation` that parses (the error names its
+//! position), required unless `alwaysFireEvent` is true.
 
-use std::str::FromStr;
-
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::Utc;
 use serde_json::Value;
 
+use meterline_shared::schedule::{scheduled_event_name, Timing};
 use meterline_shared::{registry, ServiceError};
-
-pub const MIN_INTERVAL: Duration = Duration::minutes(15);
-pub const MAX_INTERVAL: Duration = Duration::days(3);
 
 /// Checks the rules of `ty` on a body already valid against its schema.
 pub fn check(ty: &str, body: &Value) -> Result<(), ServiceError> {
@@ -26,6 +26,7 @@ pub fn check(ty: &str, body: &Value) -> Result<(), ServiceError> {
         "meter" => check_meter(body),
         "scheduledeventconfig" => check_scheduled_event(body),
         "exportdestination" => check_destination(body),
+        "notificationrule" => check_notification(body),
         _ => Ok(()),
     }
 }
@@ -54,137 +55,9 @@ fn check_destination(body: &Value) -> Result<(), ServiceError> {
 }
 
 fn check_schedule(body: &Value) -> Result<(), ServiceError> {
-    fn bad(m: impl Into<String>) -> ServiceError {
-        ServiceError::bad_request(m)
-    }
-    let cron = body
-        .get("cronExpression")
-        .and_then(Value::as_str)
-        .filter(|s| !s.trim().is_empty());
-    let schedule_type = body.get("scheduleType").and_then(Value::as_str);
-    let period = body.get("period").and_then(Value::as_i64);
-    let offset = body.get("offset").and_then(Value::as_i64);
-    if let Some(expr) = cron {
-        if schedule_type.is_some() || period.is_some() || offset.is_some() {
-            return Err(bad(
-                "give either cronExpression or scheduleType with period (and offset), not both",
-            ));
-        }
-        return check_cron(expr).map(|_| ());
-    }
-    let (Some(schedule_type), Some(period)) = (schedule_type, period) else {
-        return Err(bad(
-            "scheduleType and period are required when there is no cronExpression",
-        ));
-    };
-    let every = match schedule_type {
-        "MINUTE" => Duration::minutes(period),
-        "HOUR" => Duration::hours(period),
-        "DAY" => Duration::days(period),
-        other => {
-            return Err(bad(format!(
-                "scheduleType must be MINUTE, HOUR or DAY, not {other:?}"
-            )))
-        }
-    };
-    if every < MIN_INTERVAL {
-        return Err(bad(format!(
-            "the schedule runs every {period} {}: the highest frequency allowed is every 15 minutes",
-            unit(schedule_type, period)
-        )));
-    }
-    if every > MAX_INTERVAL {
-        return Err(bad(format!(
-            "the schedule runs every {period} {}: the lowest frequency allowed is every 3 days",
-            unit(schedule_type, period)
-        )));
-    }
-    if let Some(offset) = offset {
-        match schedule_type {
-            "MINUTE" => return Err(bad("offset is only allowed for HOUR (minutes past the hour) and DAY (hours past midnight) schedules")),
-            "HOUR" if !(0..60).contains(&offset) => {
-                return Err(bad("offset of an HOUR schedule is minutes past the hour: 0 to 59"));
-            }
-            "DAY" if !(0..24).contains(&offset) => {
-                return Err(bad("offset of a DAY schedule is hours past midnight UTC: 0 to 23"));
-            }
-            _ => {}
-        }
-    }
+    // One definition of what a schedule may be, shared with the scheduler.
+    Timing::from_body(body, Utc::now())?;
     Ok(())
-}
-
-fn unit(schedule_type: &str, n: i64) -> String {
-    let u = match schedule_type {
-        "MINUTE" => "minute",
-        "HOUR" => "hour",
-        _ => "day",
-    };
-    if n == 1 {
-        u.to_owned()
-    } else {
-        format!("{u}s")
-    }
-}
-
-/// Parses a cron expression (standard five fields, or six/seven with
-/// seconds and year) and checks its frequency over a year of firings.
-pub fn check_cron(expr: &str) -> Result<cron::Schedule, ServiceError> {
-    let fields = expr.split_whitespace().count();
-    let full = match fields {
-        5 => format!("0 {expr}"),
-        6 | 7 => expr.to_owned(),
-        _ => {
-            return Err(ServiceError::bad_request(format!(
-                "cronExpression {expr:?} must have 5 fields (minute hour day-of-month month day-of-week)"
-            )))
-        }
-    };
-    let schedule = cron::Schedule::from_str(&full).map_err(|e| {
-        ServiceError::bad_request(format!("cronExpression {expr:?} is not valid: {e}"))
-    })?;
-    // A fixed reference makes the check repeatable; a year covers every
-    // month-day combination a cron can express.
-    let start: DateTime<Utc> = Utc
-        .with_ymd_and_hms(2025, 1, 1, 0, 0, 0)
-        .single()
-        .unwrap_or_else(Utc::now);
-    let end = start + Duration::days(366);
-    let mut prev: Option<DateTime<Utc>> = None;
-    let mut count = 0;
-    for t in schedule.after(&start) {
-        if t > end {
-            break;
-        }
-        if let Some(p) = prev {
-            let gap = t - p;
-            if gap < MIN_INTERVAL {
-                return Err(ServiceError::bad_request(format!(
-                    "cronExpression {expr:?} runs more often than every 15 minutes"
-                )));
-            }
-            if gap > MAX_INTERVAL {
-                return Err(ServiceError::bad_request(format!(
-                    "cronExpression {expr:?} leaves more than 3 days between runs"
-                )));
-            }
-        } else if t - start > MAX_INTERVAL {
-            return Err(ServiceError::bad_request(format!(
-                "cronExpression {expr:?} leaves more than 3 days between runs"
-            )));
-        }
-        prev = Some(t);
-        count += 1;
-        if count > 40_000 {
-            break;
-        }
-    }
-    if prev.is_none() {
-        return Err(ServiceError::bad_request(format!(
-            "cronExpression {expr:?} never runs"
-        )));
-    }
-    Ok(schedule)
 }
 
 /// A meter's code names its usage subject (`usage.<org>.<code>`), so it
@@ -224,13 +97,48 @@ fn check_scheduled_event(body: &Value) -> Result<(), ServiceError> {
             t.date_fields.join(", ")
         )));
     }
+    scheduled_event_name(body)?;
     Ok(())
+}
+
+/// A rule's calculation is parsed when the rule is saved, so a rule that
+/// could never be evaluated is refused with the position of the error.
+fn check_notification(body: &Value) -> Result<(), ServiceError> {
+    let always = body
+        .get("alwaysFireEvent")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let calculation = body
+        .get("calculation")
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty());
+    match calculation {
+        Some(calc) => meterline_calc::Calculation::parse(calc)
+            .map(|_| ())
+            .map_err(|e| ServiceError::bad_request(format!("calculation: {e}"))),
+        None if always => Ok(()),
+        None => Err(ServiceError::bad_request(
+            "calculation is required unless alwaysFireEvent is true",
+        )),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn notification_calculations_must_parse() {
+        let rule = |v: Value| check("notificationrule", &v);
+        rule(json!({"calculation": "new.amount > 5"})).unwrap();
+        rule(json!({"alwaysFireEvent": true})).unwrap();
+        assert!(rule(json!({})).is_err());
+        let e = rule(json!({"calculation": "new.amount >"})).unwrap_err();
+        assert!(e.message.contains("at position 13"), "{}", e.message);
+        let e = rule(json!({"calculation": "Math.sqrt(new.amount) > 1"})).unwrap_err();
+        assert!(e.message.contains("unknown function"), "{}", e.message);
+    }
 
     fn sched(v: Value) -> Result<(), ServiceError> {
         check("exportschedule", &v)
@@ -264,6 +172,10 @@ mod tests {
         );
         assert!(sched(json!({"cronExpression": "not a cron"})).is_err());
         assert!(
+            sched(json!({"cronExpression": "0 0 30 2 *"})).is_err(),
+            "never runs"
+        );
+        assert!(
             sched(json!({"cronExpression": "0 * * * *", "period": 1, "scheduleType": "HOUR"}))
                 .is_err()
         );
@@ -281,9 +193,14 @@ mod tests {
     fn scheduled_events_name_a_known_date_field() {
         check(
             "scheduledeventconfig",
-            &json!({"entity": "Bill", "field": "dueDate"}),
+            &json!({"entity": "Bill", "field": "dueDate", "name": "scheduled.bill.due"}),
         )
         .unwrap();
+        assert!(check(
+            "scheduledeventconfig",
+            &json!({"entity": "Bill", "field": "dueDate", "name": "due soon"})
+        )
+        .is_err());
         assert!(check(
             "scheduledeventconfig",
             &json!({"entity": "Bill", "field": "colour"})

@@ -100,7 +100,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             nats: NatsSettings::default(),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], 9105)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 9104)),
             sealing_key: Secret::default(),
             workers: 2,
             split_bytes: 6 * 1024 * 1024 * 1024,

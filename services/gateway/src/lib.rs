@@ -32,6 +32,7 @@
 //! | GET | `/organizations/{orgId}/dataexports/jobs[/{id}[/getdownloadurl]]` | `svc.exporter.<org>.jobs.list` / `.get` / `.files` |
 //! | POST | `/organizations/{orgId}/dataexports/adhoc`, `.../schedules/{id}/run` | `svc.exporter.<org>.jobs.adhoc` / `.run` |
 //! | GET | `/exports/files/<name>` (signed URL, no token) | object store `export_files` |
+//! | GET, POST, PUT | events, `notifications/evaluate`, webhook `active`, dead letters ([`notifications`]) | `svc.notifier.<org>.<op>` |
 //! | GET | `/openapi.json`, `/docs/openapi.json`, `/healthz` | — |
 
 pub mod auth;
@@ -40,6 +41,7 @@ pub mod error;
 pub mod exports;
 pub mod forward;
 pub mod measurements;
+pub mod notifications;
 pub mod ratelimit;
 pub mod routes;
 pub mod uploads;
@@ -326,6 +328,7 @@ pub fn router(state: AppState) -> Router {
         .merge(measurements)
         .merge(file_uploads)
         .merge(data_exports)
+        .merge(notifications::routes(&state))
         .route_layer(from_fn_with_state(state.clone(), auth::require_bearer));
     let public = Router::new()
         .route("/oauth/token", post(auth::issue_token))

@@ -11,6 +11,8 @@
 //!   collections, and what the entities service refuses.
 //! - `measurements`: `POST /organizations/{orgId}/measurements` in front of
 //!   the real ingest service: batches, the body limit, rate limits.
+//! - `notifications`: the notifier's routes (events, evaluate, webhook
+//!   activation, dead letters) in front of the real notifier service.
 //! - `uploads`: measurement file uploads: signed URLs, streaming, jobs
 //!   processed by the real ingest service, and what is refused.
 
@@ -18,4 +20,5 @@ mod edge;
 mod entities;
 mod helpers;
 mod measurements;
+mod notifications;
 mod uploads;
