@@ -364,6 +364,27 @@ def main() -> None:
         expect_eq(got.status_code, 200, "status of the download of the original file")
         expect(got.content == data, "the downloaded original differs from the uploaded file")
 
+    @check("data export: ad hoc export of accounts, its job, and the download URL of its file")
+    def _() -> None:
+        adhoc = client.data_exports.create_adhoc(operational_data_types=["ACCOUNTS"], source_type="OPERATIONAL")
+        deadline = time.monotonic() + 60
+        while True:
+            job = client.data_exports.jobs.retrieve(adhoc.job_id)
+            if job.status in ("SUCCEEDED", "FAILED"):
+                break
+            expect(time.monotonic() < deadline, f"export job still {job.status} after 60 s")
+            time.sleep(0.05)
+        expect_eq((job.status, job.source_type), ("SUCCEEDED", "OPERATIONAL"), "finished export job (status, sourceType)")
+        listed = [j.id for j in client.data_exports.jobs.list(page_size=10)]
+        expect(adhoc.job_id in listed, "the export job is not listed")
+        link = client.data_exports.jobs.get_download_url(adhoc.job_id)
+        expect(link.expiration_time is not None, "the download URL has no expirationTime")
+        got = httpx.get(link.url, timeout=30.0)
+        expect_eq(got.status_code, 200, "status of the download of the exported file")
+        header = got.text.split("\r\n", 1)[0].split(",")
+        expect(header[0] == "id" and header[-1] == "deleted", f"unexpected CSV header {header!r}")
+        expect(account.id in got.text, "the exported file lacks the account")
+
     @check("delete, then retrieve raises NotFoundError (404)")
     def _() -> None:
         for resource, created in [

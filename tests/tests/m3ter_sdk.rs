@@ -1,7 +1,7 @@
 //! m3ter's official Python SDK, pointed at Meterline by its base URL, does
 //! what a customer's code would do: create, read, update, list and delete
-//! entities, get the errors m3ter gives (404, 409, 400, 401), and upload a
-//! file of measurements.
+//! entities, get the errors m3ter gives (404, 409, 400, 401), upload a file
+//! of measurements, and export accounts ad hoc and download the file.
 //!
 //! The whole system runs in this process against one real nats-server; the
 //! SDK runs as a child process (`tests/sdk/m3ter_sdk_check.py`) with the
@@ -60,6 +60,11 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
         .await
         .expect("build ingest");
     let ingest = Running::spawn(|stop| ingest.run_until_stopped(stop));
+    let exporter =
+        meterline_exporter::App::build(meterline_exporter::Settings::for_tests(nats.url()))
+            .await
+            .expect("build exporter");
+    let exporter = Running::spawn(|stop| exporter.run_until_stopped(stop));
     let notifier =
         meterline_notifier::App::build(meterline_notifier::Settings::for_tests(nats.url()))
             .await
@@ -117,6 +122,7 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
 
     gateway.stop().await;
     notifier.stop().await;
+    exporter.stop().await;
     ingest.stop().await;
     entities.stop().await;
 }

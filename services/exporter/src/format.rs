@@ -86,11 +86,16 @@ pub enum State {
     Parsed(Map<String, Value>),
 }
 
-/// The two states of an entity event, each read as `T`.
+/// The `new` state of an entity event, read as `T` (the rest is skipped).
 #[derive(serde::Deserialize)]
-struct Sides<T> {
+struct New<T> {
     #[serde(default = "none")]
     new: Option<T>,
+}
+
+/// The `old` state of an entity event, read as `T`.
+#[derive(serde::Deserialize)]
+struct Old<T> {
     #[serde(default = "none")]
     old: Option<T>,
 }
@@ -99,13 +104,13 @@ fn none<T>() -> Option<T> {
     None
 }
 
-impl<T> Sides<T> {
-    fn side(self, from_old: bool) -> Option<T> {
-        if from_old {
-            self.old
-        } else {
-            self.new
-        }
+/// One state of the event in `payload`, read as `T`: only that state is
+/// taken apart, the other is skipped over.
+fn side<'a, T: serde::Deserialize<'a>>(payload: &'a [u8], from_old: bool) -> Option<T> {
+    if from_old {
+        serde_json::from_slice::<Old<T>>(payload).ok()?.old
+    } else {
+        serde_json::from_slice::<New<T>>(payload).ok()?.new
     }
 }
 
@@ -146,10 +151,7 @@ impl Row {
     /// The state as a map, parsed on first use.
     pub fn map(&mut self) -> &mut Map<String, Value> {
         if let State::Event { payload, from_old } = &self.state {
-            let parsed = serde_json::from_slice::<Sides<Map<String, Value>>>(payload)
-                .ok()
-                .and_then(|s| s.side(*from_old))
-                .unwrap_or_default();
+            let parsed = side::<Map<String, Value>>(payload, *from_old).unwrap_or_default();
             self.state = State::Parsed(parsed);
         }
         match &mut self.state {
@@ -239,8 +241,12 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
         (Format::Csv, State::Event { payload, from_old }) => {
             // Field names of stored entities have no escapes; anything else
             // takes the parsed path.
-            let fields = serde_json::from_slice::<Sides<Fields>>(payload)
-                .map(|s| s.side(*from_old).unwrap_or(Fields(Vec::new())));
+            let fields = if *from_old {
+                serde_json::from_slice::<Old<Fields>>(payload).map(|e| e.old)
+            } else {
+                serde_json::from_slice::<New<Fields>>(payload).map(|e| e.new)
+            }
+            .map(|f| f.unwrap_or(Fields(Vec::new())));
             match fields {
                 Ok(Fields(fields)) => {
                     // Columns and fields are mostly in the same order: look
@@ -273,9 +279,7 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
         }
         (Format::Jsonl, State::Event { payload, from_old }) => {
             // The stored object with `"deleted"` added before its `}`.
-            let raw = serde_json::from_slice::<Sides<&RawValue>>(payload)
-                .ok()
-                .and_then(|s| s.side(*from_old));
+            let raw = side::<&RawValue>(payload, *from_old);
             let text = raw.map(RawValue::get).unwrap_or("{}").trim_end();
             let body = text.strip_suffix('}').unwrap_or(text).trim_end();
             out.extend_from_slice(body.as_bytes());

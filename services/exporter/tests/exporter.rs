@@ -402,3 +402,60 @@ async fn ad_hoc_exports_and_manual_runs_are_queued_over_the_bus() {
         .unwrap_err();
     assert_eq!(e.code, meterline_shared::ErrorCode::NotFound);
 }
+
+#[tokio::test]
+async fn replicas_share_the_queue_and_run_each_job_once() {
+    let mut w = World::new(Some(|_| {})).await;
+    let second = common::start_exporter(
+        &w.nats,
+        meterline_exporter::Settings::for_tests(w.nats.url()),
+    )
+    .await;
+    w.account("a", "Alpha").await;
+    let mut jobs = Vec::new();
+    let mut schedules = Vec::new();
+    for i in 0..6 {
+        let sched = w
+            .schedule(&format!("r{i}"), &["ACCOUNTS"], &[], json!({}))
+            .await;
+        let sid = id(&sched);
+        jobs.push(w.publish_job(&sid).await);
+        schedules.push(sid);
+    }
+    for (job, sid) in jobs.iter().zip(&schedules) {
+        let rec = w.finished(job).await;
+        assert_eq!(rec.status, JobStatus::Succeeded, "{:?}", rec.error);
+        assert_eq!((rec.attempts, rec.rows), (1, 1), "job {job} ran once");
+        assert_eq!(w.completions(sid).await.len(), 1);
+    }
+    second.stop().await;
+    w.exporter.take().unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_port_reports_health_readiness_and_metrics() {
+    let w = World::new(None).await;
+    let app = meterline_exporter::App::build(meterline_exporter::Settings::for_tests(w.nats.url()))
+        .await
+        .unwrap();
+    let admin = app.admin_addr();
+    let running = meterline_shared::testkit::Running::spawn(|stop| app.run_until_stopped(stop));
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let url = format!("http://{admin}{path}");
+        let http = http.clone();
+        async move {
+            let res = http.get(url).send().await.ok()?;
+            Some((res.status().as_u16(), res.text().await.ok()?))
+        }
+    };
+    let (status, body) = get("/healthz").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    meterline_shared::testkit::eventually(std::time::Duration::from_secs(10), "ready", || async {
+        get("/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let (status, _) = get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    running.stop().await;
+}
