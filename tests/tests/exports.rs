@@ -10,51 +10,27 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use meterline_shared::subjects;
-use meterline_shared::testkit::{eventually, NatsServer, Running};
+mod common;
+
+use common::{Service, System};
+use meterline_shared::testkit::eventually;
 
 #[tokio::test]
 async fn a_new_schedule_is_exported_at_once_and_announced() {
-    let nats = NatsServer::start();
-    let entities =
-        meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
-            .await
-            .expect("build entities");
-    let entities = Running::spawn(|stop| entities.run_until_stopped(stop));
-    let scheduler =
-        meterline_scheduler::App::build(meterline_scheduler::Settings::for_tests(nats.url()))
-            .await
-            .expect("build scheduler");
-    let scheduler = Running::spawn(|stop| scheduler.run_until_stopped(stop));
-    let exporter =
-        meterline_exporter::App::build(meterline_exporter::Settings::for_tests(nats.url()))
-            .await
-            .expect("build exporter");
-    let exporter = Running::spawn(|stop| exporter.run_until_stopped(stop));
-    let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
-        .await
-        .expect("build gateway");
-    let base = format!("http://{}", gateway.http_addr());
-    let gateway = Running::spawn(|stop| gateway.run_until_stopped(stop));
-    let client = nats.client().await;
-    let creds = meterline_entities::bootstrap(&client, "export-org", "Exports", "exports")
-        .await
-        .expect("bootstrap");
+    let system = System::start(
+        &[Service::Scheduler, Service::Exporter],
+        "export-org",
+        "Exports",
+        "exports",
+    )
+    .await;
+    let (client, creds, base) = (&system.client, &system.creds, &system.base);
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .build()
         .unwrap();
-    let token: Value = http
-        .post(format!("{base}/oauth/token"))
-        .basic_auth(&creds.access_key, Some(&creds.secret))
-        .json(&json!({"grant_type": "client_credentials"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let bearer = token["access_token"].as_str().unwrap().to_owned();
+    let bearer = system.bearer(&http).await;
     let api = format!("{base}/organizations/{}", creds.org_id);
     let post = |path: &str, body: Value| {
         http.post(format!("{api}/{path}"))
@@ -166,8 +142,5 @@ async fn a_new_schedule_is_exported_at_once_and_announced() {
         .unwrap()
         .starts_with("export_files:"));
 
-    gateway.stop().await;
-    exporter.stop().await;
-    scheduler.stop().await;
-    entities.stop().await;
+    system.stop().await;
 }

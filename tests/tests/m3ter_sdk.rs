@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use meterline_shared::testkit::{NatsServer, Running};
+mod common;
+
+use common::{Service, System};
 
 const HOW_TO_INSTALL: &str = "run `make test` (installs the SDK into .tools/)";
 /// The SDK check makes a few dozen calls; allow for a slow debug build.
@@ -50,47 +52,19 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
     let python = sdk_python();
     let script = workspace_root().join("tests/sdk/m3ter_sdk_check.py");
 
-    let nats = NatsServer::start();
-    let entities =
-        meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
-            .await
-            .expect("build entities");
-    let entities = Running::spawn(|stop| entities.run_until_stopped(stop));
-    let ingest = meterline_ingest::App::build(meterline_ingest::Settings::for_tests(nats.url()))
-        .await
-        .expect("build ingest");
-    let ingest = Running::spawn(|stop| ingest.run_until_stopped(stop));
-    let exporter =
-        meterline_exporter::App::build(meterline_exporter::Settings::for_tests(nats.url()))
-            .await
-            .expect("build exporter");
-    let exporter = Running::spawn(|stop| exporter.run_until_stopped(stop));
-    let notifier =
-        meterline_notifier::App::build(meterline_notifier::Settings::for_tests(nats.url()))
-            .await
-            .expect("build notifier");
-    let notifier = Running::spawn(|stop| notifier.run_until_stopped(stop));
-    let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
-        .await
-        .expect("build gateway");
-    let base_url = format!("http://{}", gateway.http_addr());
-    let gateway = Running::spawn(|stop| gateway.run_until_stopped(stop));
-
-    // The services answer as soon as their `build` returned.
-    let client = nats.client().await;
-    let creds = meterline_entities::bootstrap(
-        &client,
+    let system = System::start(
+        &[Service::Ingest, Service::Exporter, Service::Notifier],
         "sdk-check-org",
         "SDK check organization",
         "sdk-check",
     )
-    .await
-    .expect("bootstrap an organization and a service user");
+    .await;
+    let (base_url, creds) = (&system.base, &system.creds);
 
     let mut command = tokio::process::Command::new(&python);
     command
         .arg(&script)
-        .env("METERLINE_URL", &base_url)
+        .env("METERLINE_URL", base_url)
         .env("METERLINE_ORG", &creds.org_id)
         .env("METERLINE_KEY", &creds.access_key)
         .env("METERLINE_SECRET", &creds.secret)
@@ -120,9 +94,5 @@ async fn official_m3ter_python_sdk_works_against_meterline() {
         "the m3ter SDK check printed no summary.\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
     );
 
-    gateway.stop().await;
-    notifier.stop().await;
-    exporter.stop().await;
-    ingest.stop().await;
-    entities.stop().await;
+    system.stop().await;
 }

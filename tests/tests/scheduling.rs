@@ -8,44 +8,19 @@ use async_nats::jetstream;
 use serde_json::{json, Value};
 
 use meterline_shared::exportjob::{job_id, job_key};
-use meterline_shared::testkit::{eventually, NatsServer, Running};
+mod common;
+
+use common::{Service, System};
+use meterline_shared::testkit::eventually;
 use meterline_shared::{provision, subjects};
 
 #[tokio::test]
 async fn a_schedule_created_over_http_gets_its_first_job_at_once() {
-    let nats = NatsServer::start();
-    let entities =
-        meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url()))
-            .await
-            .expect("build entities");
-    let entities = Running::spawn(|stop| entities.run_until_stopped(stop));
-    let scheduler =
-        meterline_scheduler::App::build(meterline_scheduler::Settings::for_tests(nats.url()))
-            .await
-            .expect("build scheduler");
-    let scheduler = Running::spawn(|stop| scheduler.run_until_stopped(stop));
-    let gateway = meterline_gateway::App::build(meterline_gateway::Settings::for_tests(nats.url()))
-        .await
-        .expect("build gateway");
-    let base = format!("http://{}", gateway.http_addr());
-    let gateway = Running::spawn(|stop| gateway.run_until_stopped(stop));
-    let client = nats.client().await;
-    let creds = meterline_entities::bootstrap(&client, "sched-org", "Scheduling", "sched")
-        .await
-        .expect("bootstrap");
+    let system = System::start(&[Service::Scheduler], "sched-org", "Scheduling", "sched").await;
+    let (client, creds, base) = (&system.client, &system.creds, &system.base);
 
     let http = reqwest::Client::new();
-    let token: Value = http
-        .post(format!("{base}/oauth/token"))
-        .basic_auth(&creds.access_key, Some(&creds.secret))
-        .json(&json!({"grant_type": "client_credentials"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let bearer = token["access_token"].as_str().unwrap().to_owned();
+    let bearer = system.bearer(&http).await;
     let api = format!(
         "{base}/organizations/{}/dataexports/schedules",
         creds.org_id
@@ -120,7 +95,5 @@ async fn a_schedule_created_over_http_gets_its_first_job_at_once() {
     .await;
     assert_eq!(request["jobId"], job.as_str());
 
-    gateway.stop().await;
-    scheduler.stop().await;
-    entities.stop().await;
+    system.stop().await;
 }
