@@ -11,6 +11,9 @@
 //! key and secret. The binary is found at `$S3S_FS_BIN`, else in the
 //! per-machine cache where `make tools` installs it
 //! (`~/.cache/meterline/s3s-fs-<version>/bin/s3s-fs`).
+//!
+//! [`Entities`] is the entities service over the bus, as every service's
+//! tests use it to set up the entities they need.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -350,5 +353,97 @@ impl Running {
     /// Ends the service without draining, as a crash would.
     pub fn kill(self) {
         self.task.abort();
+    }
+}
+
+/// A test's client of the entities service over the bus, writing as actor
+/// `tester`: the request every service's tests make to set up entities.
+pub struct Entities {
+    client: async_nats::Client,
+    org: String,
+}
+
+impl Entities {
+    pub fn new(client: async_nats::Client, org: &str) -> Entities {
+        Entities {
+            client,
+            org: org.to_owned(),
+        }
+    }
+
+    /// Any operation, in any org, with the reply body as JSON.
+    pub async fn call_in(
+        &self,
+        org: &str,
+        ty: &str,
+        op: &str,
+        req: crate::protocol::EntityRequest,
+    ) -> Result<serde_json::Value, crate::ServiceError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(crate::envelope::HEADER_ACTOR, "tester");
+        let payload = bytes::Bytes::from(serde_json::to_vec(&req).expect("request serializes"));
+        let reply = crate::bus::request(
+            &self.client,
+            crate::subjects::entities_request(org, ty, op),
+            headers,
+            payload,
+        )
+        .await?;
+        Ok(serde_json::from_slice(&reply).expect("reply is JSON"))
+    }
+
+    pub async fn call(
+        &self,
+        ty: &str,
+        op: &str,
+        req: crate::protocol::EntityRequest,
+    ) -> Result<serde_json::Value, crate::ServiceError> {
+        self.call_in(&self.org, ty, op, req).await
+    }
+
+    pub async fn create(
+        &self,
+        ty: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, crate::ServiceError> {
+        let req = crate::protocol::EntityRequest {
+            body: Some(body),
+            ..Default::default()
+        };
+        self.call(ty, "create", req).await
+    }
+
+    pub async fn update(
+        &self,
+        ty: &str,
+        id: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, crate::ServiceError> {
+        let req = crate::protocol::EntityRequest {
+            id: Some(id.into()),
+            body: Some(body),
+            ..Default::default()
+        };
+        self.call(ty, "update", req).await
+    }
+
+    pub async fn get(&self, ty: &str, id: &str) -> Result<serde_json::Value, crate::ServiceError> {
+        let req = crate::protocol::EntityRequest {
+            id: Some(id.into()),
+            ..Default::default()
+        };
+        self.call(ty, "get", req).await
+    }
+
+    pub async fn delete(
+        &self,
+        ty: &str,
+        id: &str,
+    ) -> Result<serde_json::Value, crate::ServiceError> {
+        let req = crate::protocol::EntityRequest {
+            id: Some(id.into()),
+            ..Default::default()
+        };
+        self.call(ty, "delete", req).await
     }
 }

@@ -16,12 +16,12 @@ use serde_json::{json, Value};
 
 use meterline_scheduler::clock::{Clock, ManualClock, SystemClock};
 use meterline_scheduler::{App, Settings};
-use meterline_shared::envelope::{Action, EntityEvent, HEADER_ACTOR};
+use meterline_shared::envelope::{Action, EntityEvent};
 use meterline_shared::exportjob::{self, ExportJobRecord, ExportJobRequest, JobStatus, Trigger};
 use meterline_shared::protocol::EntityRequest;
 use meterline_shared::schedule::Timing;
-use meterline_shared::testkit::{eventually, NatsServer, Running};
-use meterline_shared::{bus, provision, subjects, ServiceError};
+use meterline_shared::testkit::{eventually, Entities, NatsServer, Running};
+use meterline_shared::{provision, subjects, ServiceError};
 
 const ORG: &str = "org-sched";
 /// Generous: the machine may be busy, and every write is flushed to disk.
@@ -65,17 +65,9 @@ impl World {
     }
 
     async fn call(&self, ty: &str, op: &str, req: EntityRequest) -> Result<Value, ServiceError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_ACTOR, "tester");
-        let payload = Bytes::from(serde_json::to_vec(&req).unwrap());
-        let reply = bus::request(
-            &self.client,
-            subjects::entities_request(ORG, ty, op),
-            headers,
-            payload,
-        )
-        .await?;
-        Ok(serde_json::from_slice(&reply).unwrap())
+        Entities::new(self.client.clone(), ORG)
+            .call(ty, op, req)
+            .await
     }
 
     async fn create(&self, ty: &str, body: Value) -> Result<Value, ServiceError> {

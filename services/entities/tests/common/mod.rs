@@ -3,14 +3,12 @@
 
 #![allow(dead_code)]
 
-use bytes::Bytes;
 use serde_json::{json, Value};
 
 use meterline_entities::{App, Settings};
-use meterline_shared::envelope::HEADER_ACTOR;
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::testkit::{NatsServer, Running};
-use meterline_shared::{bus, subjects, ServiceError};
+use meterline_shared::testkit::{Entities, NatsServer, Running};
+use meterline_shared::{subjects, ServiceError};
 
 pub const ORG: &str = "org-test";
 
@@ -53,13 +51,18 @@ impl World {
         w
     }
 
+    /// The entities service over the bus, in the test org.
+    pub fn bus(&self) -> Entities {
+        Entities::new(self.client.clone(), ORG)
+    }
+
     pub async fn call(
         &self,
         ty: &str,
         op: &str,
         req: EntityRequest,
     ) -> Result<Value, ServiceError> {
-        self.call_in(ORG, ty, op, req).await
+        self.bus().call(ty, op, req).await
     }
 
     pub async fn call_in(
@@ -69,66 +72,23 @@ impl World {
         op: &str,
         req: EntityRequest,
     ) -> Result<Value, ServiceError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_ACTOR, "tester");
-        let payload = Bytes::from(serde_json::to_vec(&req).unwrap());
-        let reply = bus::request(
-            &self.client,
-            subjects::entities_request(org, ty, op),
-            headers,
-            payload,
-        )
-        .await?;
-        Ok(serde_json::from_slice(&reply).expect("reply is JSON"))
+        self.bus().call_in(org, ty, op, req).await
     }
 
     pub async fn create(&self, ty: &str, body: Value) -> Result<Value, ServiceError> {
-        self.call(
-            ty,
-            "create",
-            EntityRequest {
-                body: Some(body),
-                ..Default::default()
-            },
-        )
-        .await
+        self.bus().create(ty, body).await
     }
 
     pub async fn update(&self, ty: &str, id: &str, body: Value) -> Result<Value, ServiceError> {
-        self.call(
-            ty,
-            "update",
-            EntityRequest {
-                id: Some(id.into()),
-                body: Some(body),
-                ..Default::default()
-            },
-        )
-        .await
+        self.bus().update(ty, id, body).await
     }
 
     pub async fn get(&self, ty: &str, id: &str) -> Result<Value, ServiceError> {
-        self.call(
-            ty,
-            "get",
-            EntityRequest {
-                id: Some(id.into()),
-                ..Default::default()
-            },
-        )
-        .await
+        self.bus().get(ty, id).await
     }
 
     pub async fn delete(&self, ty: &str, id: &str) -> Result<Value, ServiceError> {
-        self.call(
-            ty,
-            "delete",
-            EntityRequest {
-                id: Some(id.into()),
-                ..Default::default()
-            },
-        )
-        .await
+        self.bus().delete(ty, id).await
     }
 
     pub async fn list_all(&self, ty: &str) -> Vec<Value> {

@@ -13,12 +13,11 @@ use serde_json::{json, Value};
 
 use meterline_exporter::destination::{S3Config, S3};
 use meterline_exporter::jobs::Cursor;
-use meterline_shared::envelope::HEADER_ACTOR;
 use meterline_shared::exportjob::{
     cursor_key, job_key, ExportJobRecord, ExportJobRequest, Trigger,
 };
 use meterline_shared::protocol::{EntityRequest, ExportsRequest};
-use meterline_shared::testkit::{eventually, NatsServer, Running, S3Server};
+use meterline_shared::testkit::{eventually, Entities, NatsServer, Running, S3Server};
 use meterline_shared::{bus, provision, subjects, ServiceError};
 
 pub const ORG: &str = "org-export";
@@ -92,16 +91,9 @@ impl World {
         op: &str,
         req: EntityRequest,
     ) -> Result<Value, ServiceError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_ACTOR, "tester");
-        let reply = bus::request(
-            &self.client,
-            subjects::entities_request(ORG, ty, op),
-            headers,
-            Bytes::from(serde_json::to_vec(&req).unwrap()),
-        )
-        .await?;
-        Ok(serde_json::from_slice(&reply).unwrap())
+        Entities::new(self.client.clone(), ORG)
+            .call(ty, op, req)
+            .await
     }
 
     pub async fn create(&self, ty: &str, body: Value) -> Value {

@@ -13,9 +13,8 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use meterline_shared::envelope::HEADER_ACTOR;
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::testkit::{eventually, NatsServer, Running};
+use meterline_shared::testkit::{eventually, Entities, NatsServer, Running};
 use meterline_shared::{bus, subjects, ServiceError};
 
 pub const ORG: &str = "org-n";
@@ -150,60 +149,30 @@ impl World {
         w
     }
 
+    /// The entities service over the bus, in the test org.
+    pub fn bus(&self) -> Entities {
+        Entities::new(self.client.clone(), ORG)
+    }
+
     pub async fn entity(
         &self,
         ty: &str,
         op: &str,
         req: EntityRequest,
     ) -> Result<Value, ServiceError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_ACTOR, "tester");
-        let payload = Bytes::from(serde_json::to_vec(&req).unwrap());
-        let reply = bus::request(
-            &self.client,
-            subjects::entities_request(ORG, ty, op),
-            headers,
-            payload,
-        )
-        .await?;
-        Ok(serde_json::from_slice(&reply).expect("reply is JSON"))
+        self.bus().call(ty, op, req).await
     }
 
     pub async fn create(&self, ty: &str, body: Value) -> Result<Value, ServiceError> {
-        self.entity(
-            ty,
-            "create",
-            EntityRequest {
-                body: Some(body),
-                ..Default::default()
-            },
-        )
-        .await
+        self.bus().create(ty, body).await
     }
 
     pub async fn update(&self, ty: &str, id: &str, body: Value) -> Result<Value, ServiceError> {
-        self.entity(
-            ty,
-            "update",
-            EntityRequest {
-                id: Some(id.into()),
-                body: Some(body),
-                ..Default::default()
-            },
-        )
-        .await
+        self.bus().update(ty, id, body).await
     }
 
     pub async fn get(&self, ty: &str, id: &str) -> Result<Value, ServiceError> {
-        self.entity(
-            ty,
-            "get",
-            EntityRequest {
-                id: Some(id.into()),
-                ..Default::default()
-            },
-        )
-        .await
+        self.bus().get(ty, id).await
     }
 
     /// A request to the notifier.
