@@ -327,6 +327,8 @@ impl Destination for S3 {
             buf: Vec::new(),
             part_bytes: self.part_bytes,
             upload_id: None,
+            sent: 0,
+            in_flight: tokio::task::JoinSet::new(),
             parts: Vec::new(),
         }))
     }
@@ -355,6 +357,10 @@ impl Destination for S3 {
     }
 }
 
+/// Parts of one multipart upload sent at once: the rows of the next part
+/// are encoded while the previous ones travel.
+const PARTS_IN_FLIGHT: usize = 3;
+
 struct S3Upload {
     client: aws_sdk_s3::Client,
     bucket: String,
@@ -363,6 +369,9 @@ struct S3Upload {
     buf: Vec<u8>,
     part_bytes: usize,
     upload_id: Option<String>,
+    /// Parts sent so far (the number of the last one).
+    sent: i32,
+    in_flight: tokio::task::JoinSet<Result<CompletedPart, DeliveryError>>,
     parts: Vec<CompletedPart>,
 }
 
@@ -371,6 +380,23 @@ impl S3Upload {
         format!("s3://{}/{}", self.bucket, self.key)
     }
 
+    /// Waits for one part in flight to be stored.
+    async fn settle_one(&mut self) -> Result<(), DeliveryError> {
+        match self.in_flight.join_next().await {
+            None => Ok(()),
+            Some(Ok(part)) => {
+                self.parts.push(part?);
+                Ok(())
+            }
+            Some(Err(e)) => Err(DeliveryError(format!(
+                "uploading a part of {} stopped: {e}",
+                self.target()
+            ))),
+        }
+    }
+
+    /// Sends `body` as the next part, once fewer than [`PARTS_IN_FLIGHT`]
+    /// are on their way.
     async fn upload_part(&mut self, body: Vec<u8>) -> Result<(), DeliveryError> {
         if self.upload_id.is_none() {
             let out = self
@@ -387,20 +413,26 @@ impl S3Upload {
                     .ok_or_else(|| DeliveryError("the server gave no upload id".into()))?,
             );
         }
-        let number = self.parts.len() as i32 + 1;
-        let out = self
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.settle_one().await?;
+        }
+        self.sent += 1;
+        let number = self.sent;
+        let request = self
             .client
             .upload_part()
             .bucket(&self.bucket)
             .key(&self.key)
             .upload_id(self.upload_id.clone().unwrap_or_default())
             .part_number(number)
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("uploading part {number} of"), &self.target(), e))?;
-        self.parts.push(
-            CompletedPart::builder()
+            .body(ByteStream::from(body));
+        let target = self.target();
+        self.in_flight.spawn(async move {
+            let out = request
+                .send()
+                .await
+                .map_err(|e| sdk_error(&format!("uploading part {number} of"), &target, e))?;
+            Ok(CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag)
                 .set_checksum_crc32(out.checksum_crc32)
@@ -408,8 +440,8 @@ impl S3Upload {
                 .set_checksum_crc64_nvme(out.checksum_crc64_nvme)
                 .set_checksum_sha1(out.checksum_sha1)
                 .set_checksum_sha256(out.checksum_sha256)
-                .build(),
-        );
+                .build())
+        });
         Ok(())
     }
 }
@@ -445,7 +477,11 @@ impl Upload for S3Upload {
             let last = std::mem::take(&mut self.buf);
             self.upload_part(last).await?;
         }
-        let parts = std::mem::take(&mut self.parts);
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.sort_by_key(|p| p.part_number());
         self.client
             .complete_multipart_upload()
             .bucket(&self.bucket)
@@ -462,7 +498,8 @@ impl Upload for S3Upload {
         Ok(target)
     }
 
-    async fn abort(self: Box<Self>) {
+    async fn abort(mut self: Box<Self>) {
+        self.in_flight.shutdown().await;
         if let Some(id) = &self.upload_id {
             let _ = self
                 .client
@@ -479,14 +516,23 @@ impl Upload for S3Upload {
 /// The `export_files` object store: files of exports without a
 /// destination, named `<org>/<job>/<file>`.
 pub struct ObjectStore {
+    js: async_nats::jetstream::Context,
+    bucket: String,
     store: object_store::ObjectStore,
     prefix: String,
 }
 
 impl ObjectStore {
     /// Files go under `prefix` (`<org>/<job>` for a job's files).
-    pub fn new(store: object_store::ObjectStore, prefix: impl Into<String>) -> ObjectStore {
+    pub fn new(
+        js: async_nats::jetstream::Context,
+        bucket: impl Into<String>,
+        store: object_store::ObjectStore,
+        prefix: impl Into<String>,
+    ) -> ObjectStore {
         ObjectStore {
+            js,
+            bucket: bucket.into(),
             store,
             prefix: prefix.into(),
         }
@@ -532,22 +578,13 @@ impl Destination for ObjectStore {
         _content_type: &str,
     ) -> Result<Box<dyn Upload>, DeliveryError> {
         let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
-        let store = self.store.clone();
-        let name = key.to_owned();
-        let task = tokio::spawn(async move {
-            let mut reader = tokio_util::io::StreamReader::new(rx);
-            store
-                .put(
-                    object_store::ObjectMetadata {
-                        name: name.clone(),
-                        chunk_size: Some(256 * 1024),
-                        ..Default::default()
-                    },
-                    &mut reader,
-                )
-                .await
-                .map_err(|e| DeliveryError(format!("writing {name} to export_files failed: {e}")))
-        });
+        let put = ObjectPut {
+            js: self.js.clone(),
+            bucket: self.bucket.clone(),
+            store: self.store.clone(),
+            name: key.to_owned(),
+        };
+        let task = tokio::spawn(put.run(rx));
         Ok(Box::new(ObjectUpload {
             name: key.to_owned(),
             tx: Some(tx),
@@ -571,10 +608,135 @@ impl Destination for ObjectStore {
     }
 }
 
+/// Chunks of one object on their way at once: each is stored (and synced
+/// to disk) by the server before it is acknowledged, so waiting for each
+/// in turn would leave the writer idle.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Chunk size of exported objects.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Writes one object to an object store bucket as the NATS object store
+/// lays it out (chunks on `$O.<bucket>.C.<nuid>`, then the object's info on
+/// `$O.<bucket>.M.<name>`, rolled up), with several chunks in flight. The
+/// object becomes visible only with its info, after every chunk is stored;
+/// a failed or aborted put removes its chunks, and a completed one those
+/// of the object it replaces.
+struct ObjectPut {
+    js: async_nats::jetstream::Context,
+    bucket: String,
+    store: object_store::ObjectStore,
+    name: String,
+}
+
+impl ObjectPut {
+    fn failed(&self, e: impl std::fmt::Display) -> DeliveryError {
+        DeliveryError(format!(
+            "writing {} to {} failed: {e}",
+            self.name, self.bucket
+        ))
+    }
+
+    async fn run(
+        self,
+        chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+    ) -> Result<(), DeliveryError> {
+        let nuid = uuid::Uuid::new_v4().simple().to_string();
+        let chunk_subject = format!("$O.{}.C.{nuid}", self.bucket);
+        let result = self.write(&chunk_subject, &nuid, chunks).await;
+        if result.is_err() {
+            self.purge(&chunk_subject).await;
+        }
+        result
+    }
+
+    async fn purge(&self, chunk_subject: &str) {
+        if let Ok(stream) = self.js.get_stream(format!("OBJ_{}", self.bucket)).await {
+            let _ = stream.purge().filter(chunk_subject).await;
+        }
+    }
+
+    async fn write(
+        &self,
+        chunk_subject: &str,
+        nuid: &str,
+        mut chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+    ) -> Result<(), DeliveryError> {
+        use base64::Engine;
+        use futures::StreamExt;
+        use sha2::Digest;
+        let existing = self.store.info(&self.name).await.ok();
+        let mut acks = futures::stream::FuturesOrdered::new();
+        let mut hash = sha2::Sha256::new();
+        let (mut size, mut count) = (0usize, 0usize);
+        let mut pending = bytes::BytesMut::with_capacity(CHUNK_BYTES);
+        let mut ended = false;
+        while !ended {
+            match chunks.next().await {
+                Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
+                Some(Err(e)) => return Err(self.failed(e)),
+                None => ended = true,
+            }
+            while pending.len() >= CHUNK_BYTES || (ended && !pending.is_empty()) {
+                let n = pending.len().min(CHUNK_BYTES);
+                let chunk = pending.split_to(n).freeze();
+                hash.update(&chunk);
+                size += chunk.len();
+                count += 1;
+                let ack = self
+                    .js
+                    .publish(chunk_subject.to_owned(), chunk)
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                acks.push_back(std::future::IntoFuture::into_future(ack));
+                while acks.len() >= CHUNKS_IN_FLIGHT {
+                    if let Some(ack) = acks.next().await {
+                        ack.map_err(|e| self.failed(e))?;
+                    }
+                }
+            }
+        }
+        while let Some(ack) = acks.next().await {
+            ack.map_err(|e| self.failed(e))?;
+        }
+        let info = serde_json::json!({
+            "name": self.name,
+            "bucket": self.bucket,
+            "nuid": nuid,
+            "size": size,
+            "chunks": count,
+            "mtime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            "digest": format!(
+                "SHA-256={}",
+                base64::engine::general_purpose::URL_SAFE.encode(hash.finalize())
+            ),
+            "options": {"max_chunk_size": CHUNK_BYTES},
+        });
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+        let subject = format!(
+            "$O.{}.M.{}",
+            self.bucket,
+            base64::engine::general_purpose::URL_SAFE.encode(&self.name)
+        );
+        self.js
+            .publish_with_headers(subject, headers, Bytes::from(info.to_string()))
+            .await
+            .map_err(|e| self.failed(e))?
+            .await
+            .map_err(|e| self.failed(e))?;
+        if let Some(old) = existing.filter(|o| o.nuid != nuid) {
+            self.purge(&format!("$O.{}.C.{}", self.bucket, old.nuid))
+                .await;
+        }
+        Ok(())
+    }
+}
+
 struct ObjectUpload {
     name: String,
     tx: Option<mpsc::Sender<std::io::Result<Bytes>>>,
-    task: Option<tokio::task::JoinHandle<Result<object_store::ObjectInfo, DeliveryError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), DeliveryError>>>,
 }
 
 impl ObjectUpload {

@@ -12,13 +12,12 @@
 
 use std::io::Write;
 
-use std::marker::PhantomData;
-
 use bytes::Bytes;
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::scan;
 
 /// `exportFileFormat` of a schedule or ad-hoc export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -114,32 +113,6 @@ fn side<'a, T: serde::Deserialize<'a>>(payload: &'a [u8], from_old: bool) -> Opt
     }
 }
 
-/// An object's fields in document order, borrowed from the text.
-struct Fields<'a>(Vec<(&'a str, &'a RawValue)>);
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
-            type Value = Fields<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Fields<'a>, A::Error> {
-                let mut fields = Vec::with_capacity(32);
-                while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
-                    fields.push(entry);
-                }
-                Ok(Fields(fields))
-            }
-        }
-        d.deserialize_map(Visit(PhantomData))
-    }
-}
-
 impl Row {
     pub fn parsed(state: Map<String, Value>, deleted: bool) -> Row {
         Row {
@@ -162,15 +135,15 @@ impl Row {
 }
 
 /// Appends the CSV cell of a JSON value given as its text.
-fn csv_raw(out: &mut Vec<u8>, text: &str) {
-    match text.as_bytes().first() {
+fn csv_raw(out: &mut Vec<u8>, text: &[u8]) {
+    match text.first() {
         None => {}
-        Some(b'n') if text == "null" => {}
+        Some(b'n') if text == b"null" => {}
         Some(b'"') => {
             let inner = &text[1..text.len().saturating_sub(1).max(1)];
-            if inner.contains('\\') {
-                match serde_json::from_str::<String>(text) {
-                    Ok(s) => csv_cell(out, &s),
+            if inner.contains(&b'\\') {
+                match serde_json::from_slice::<String>(text) {
+                    Ok(s) => csv_cell(out, s.as_bytes()),
                     Err(_) => csv_cell(out, inner),
                 }
             } else {
@@ -180,23 +153,23 @@ fn csv_raw(out: &mut Vec<u8>, text: &str) {
         // Nested values: the stored JSON is already compact JSON text.
         Some(b'{' | b'[') => csv_cell(out, text),
         // Numbers and booleans, as written.
-        Some(_) => out.extend_from_slice(text.as_bytes()),
+        Some(_) => out.extend_from_slice(text),
     }
 }
 
 /// Appends one CSV cell to `out`, quoted when it must be.
-fn csv_cell(out: &mut Vec<u8>, text: &str) {
+fn csv_cell(out: &mut Vec<u8>, text: &[u8]) {
     let needs_quotes = text
-        .bytes()
+        .iter()
         .any(|b| matches!(b, b',' | b'"' | b'\n' | b'\r'))
-        || text.starts_with(' ')
-        || text.ends_with(' ');
+        || text.first() == Some(&b' ')
+        || text.last() == Some(&b' ');
     if !needs_quotes {
-        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(text);
         return;
     }
     out.push(b'"');
-    for b in text.bytes() {
+    for &b in text {
         if b == b'"' {
             out.push(b'"');
         }
@@ -208,10 +181,10 @@ fn csv_cell(out: &mut Vec<u8>, text: &str) {
 fn csv_value(out: &mut Vec<u8>, v: Option<&Value>) {
     match v {
         None | Some(Value::Null) => {}
-        Some(Value::String(s)) => csv_cell(out, s),
+        Some(Value::String(s)) => csv_cell(out, s.as_bytes()),
         Some(Value::Bool(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Some(Value::Number(n)) => out.extend_from_slice(n.to_string().as_bytes()),
-        Some(nested) => csv_cell(out, &nested.to_string()),
+        Some(nested) => csv_cell(out, nested.to_string().as_bytes()),
     }
 }
 
@@ -219,7 +192,7 @@ fn csv_value(out: &mut Vec<u8>, v: Option<&Value>) {
 pub fn csv_header(columns: &[String]) -> Vec<u8> {
     let mut out = Vec::new();
     for c in columns {
-        csv_cell(&mut out, c);
+        csv_cell(&mut out, c.as_bytes());
         out.push(b',');
     }
     out.extend_from_slice(b"deleted\r\n");
@@ -239,36 +212,34 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
             out.extend_from_slice(b"\r\n");
         }
         (Format::Csv, State::Event { payload, from_old }) => {
-            // Field names of stored entities have no escapes; anything else
-            // takes the parsed path.
-            let fields = if *from_old {
-                serde_json::from_slice::<Old<Fields>>(payload).map(|e| e.old)
-            } else {
-                serde_json::from_slice::<New<Fields>>(payload).map(|e| e.new)
+            let mut fields = Vec::with_capacity(32);
+            let scanned = match scan::side(payload, *from_old) {
+                Some(None) => Some(()),
+                Some(Some(b"null")) => Some(()),
+                Some(Some(text)) => scan::object(text, &mut fields),
+                None => None,
+            };
+            if scanned.is_none() {
+                // Not the shape the scanner knows: parse it.
+                let mut parsed = row.clone();
+                parsed.map();
+                encode_row(format, columns, &parsed, out);
+                return;
             }
-            .map(|f| f.unwrap_or(Fields(Vec::new())));
-            match fields {
-                Ok(Fields(fields)) => {
-                    // Columns and fields are mostly in the same order: look
-                    // from where the last one was found.
-                    let mut hint = 0;
-                    for c in columns {
-                        let n = fields.len();
-                        if let Some(i) = (hint..n).chain(0..hint).find(|&i| fields[i].0 == c) {
-                            csv_raw(out, fields[i].1.get());
-                            hint = i + 1;
-                        }
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(deleted);
-                    out.extend_from_slice(b"\r\n");
+            // Columns and fields are mostly in the same order: look from
+            // where the last one was found.
+            let mut hint = 0;
+            let n = fields.len();
+            for c in columns {
+                let c = c.as_bytes();
+                if let Some(i) = (hint..n).chain(0..hint).find(|&i| fields[i].0 == c) {
+                    csv_raw(out, fields[i].1);
+                    hint = i + 1;
                 }
-                Err(_) => {
-                    let mut parsed = row.clone();
-                    parsed.map();
-                    encode_row(format, columns, &parsed, out);
-                }
+                out.push(b',');
             }
+            out.extend_from_slice(deleted);
+            out.extend_from_slice(b"\r\n");
         }
         (Format::Jsonl, State::Parsed(state)) => {
             let mut obj = state.clone();
@@ -279,11 +250,19 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
         }
         (Format::Jsonl, State::Event { payload, from_old }) => {
             // The stored object with `"deleted"` added before its `}`.
-            let raw = side::<&RawValue>(payload, *from_old);
-            let text = raw.map(RawValue::get).unwrap_or("{}").trim_end();
-            let body = text.strip_suffix('}').unwrap_or(text).trim_end();
-            out.extend_from_slice(body.as_bytes());
-            if !body.ends_with('{') {
+            let text: &[u8] = match scan::side(payload, *from_old) {
+                Some(Some(t)) if t.first() == Some(&b'{') => t,
+                Some(_) => b"{}",
+                None => {
+                    let mut parsed = row.clone();
+                    parsed.map();
+                    encode_row(format, columns, &parsed, out);
+                    return;
+                }
+            };
+            let body = text.strip_suffix(b"}").unwrap_or(text).trim_ascii_end();
+            out.extend_from_slice(body);
+            if !body.ends_with(b"{") {
                 out.push(b',');
             }
             out.extend_from_slice(b"\"deleted\":");

@@ -25,6 +25,7 @@ pub mod format;
 pub mod jobs;
 pub mod replay;
 pub mod runner;
+mod scan;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,15 +11,16 @@
 //!   memory do not depend on history. An entity changed after `S` (its last
 //!   message is newer) is exported as it was at `S`: the `old` state of its
 //!   first version after `S`.
-//! - Incremental export: an ordered consumer replays the window, filtered to
-//!   the type. A version is exported only if it is its entity's last one up
-//!   to `S`, which one direct get (`next_by_subj` after it) tells. Only
-//!   entities that may occur more than once in the window are checked: a
-//!   first pass reads the window's subjects alone (headers only) into two
-//!   fixed-size Bloom filters. The checks run many at a time, so the replay
-//!   does not wait on each. Nothing is kept per entity: memory is constant
-//!   whatever the window holds. A tombstone is exported once, from its last
-//!   state, with `deleted = true`.
+//! - Incremental export: an ordered consumer replays the window once,
+//!   filtered to the type, into a spill file on local disk, while the
+//!   window's subjects go into two fixed-size Bloom filters. Then the spill
+//!   file is read back in order: a version is exported only if it is its
+//!   entity's last one up to `S`. Only entities that may occur more than
+//!   once in the window are checked, with one direct get (`next_by_subj`
+//!   after it) each, many at a time. Nothing is kept per entity in memory:
+//!   it is constant whatever the window holds; the spill file is the size
+//!   of the window. A tombstone is exported once, from its last state,
+//!   with `deleted = true`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -48,6 +49,8 @@ pub enum ReplayError {
     Stopped,
     #[error("the export file writer stopped")]
     WriterGone,
+    #[error("the local spill file of the window failed: {0}")]
+    Spill(String),
 }
 
 fn bus(e: impl std::fmt::Display) -> ReplayError {
@@ -292,10 +295,75 @@ async fn incremental(
         Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
         Err(e) => return Err(bus(e)),
     }
-    let repeats = repeats(stream, &filter, from, to, cancel).await?;
+    let (spill, repeats) = read_window(stream, &filter, from, to, cancel).await?;
+    let mut versions = spill.read().await?;
+    let mut checks = futures::stream::FuturesOrdered::new();
+    let mut waiting: VecDeque<Spilled> = VecDeque::new();
+    let mut done = false;
+    loop {
+        // Keep up to CHECKS_IN_FLIGHT checks running; emit in order.
+        while !done && checks.len() < CHECKS_IN_FLIGHT {
+            if cancel.is_cancelled() {
+                return Err(ReplayError::Stopped);
+            }
+            let Some(v) = versions.next().await? else {
+                done = true;
+                break;
+            };
+            // Only an entity seen more than once in the window can have a
+            // later version in it.
+            let check = repeats
+                .maybe_repeated(&v.subject)
+                .then(|| (stream.clone(), v.subject.clone(), v.seq));
+            checks.push_back(async move {
+                match check {
+                    Some((stream, subject, seq)) => superseded(stream, subject, seq, to).await,
+                    None => Ok(false),
+                }
+            });
+            waiting.push_back(v);
+        }
+        let Some(result) = checks.next().await else {
+            break;
+        };
+        let v = waiting
+            .pop_front()
+            .ok_or_else(|| ReplayError::Bus("replay bookkeeping lost a message".into()))?;
+        if !result? {
+            if let Some(action) = v.action {
+                let deleted = action == Action::Deleted;
+                out.push(Row {
+                    state: State::Event {
+                        payload: v.payload,
+                        from_old: deleted,
+                    },
+                    deleted,
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the window once, filtered to the type, into a spill file on local
+/// disk, and its subjects into a [`Repeats`]. Whether a version is its
+/// entity's last in the window is only known once the whole window has
+/// been read; the spill file lets the second look be a local read instead
+/// of a second replay from the bus. Its size is the window's, on disk;
+/// memory stays constant.
+async fn read_window(
+    stream: &Stream,
+    filter: &str,
+    from: u64,
+    to: u64,
+    cancel: &CancellationToken,
+) -> Result<(spill::Writer, Repeats), ReplayError> {
+    let mut repeats = Repeats::new();
+    let mut spill = spill::Writer::new().await?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: filter,
+            filter_subject: filter.to_owned(),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: from + 1,
             },
@@ -305,55 +373,148 @@ async fn incremental(
         .await
         .map_err(bus)?;
     let mut messages = consumer.messages().await.map_err(bus)?;
-    let mut checks = futures::stream::FuturesOrdered::new();
-    let mut waiting: VecDeque<async_nats::jetstream::Message> = VecDeque::new();
-    let mut done = false;
     loop {
-        // Keep up to CHECKS_IN_FLIGHT checks running; emit in order.
-        while !done && checks.len() < CHECKS_IN_FLIGHT {
-            let msg = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(ReplayError::Stopped),
-                m = messages.next() => m,
-            };
-            let msg = msg
-                .ok_or_else(|| ReplayError::Bus("the replay ended early".into()))?
-                .map_err(bus)?;
-            let info = msg.info().map_err(bus)?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if seq > to {
-                done = true;
-                break;
-            }
-            // Only an entity seen more than once in the window can have a
-            // later version in it.
-            let check = repeats
-                .maybe_repeated(msg.subject.as_str())
-                .then(|| (stream.clone(), msg.subject.to_string()));
-            checks.push_back(async move {
-                match check {
-                    Some((stream, subject)) => superseded(stream, subject, seq, to).await,
-                    None => Ok(false),
-                }
-            });
-            waiting.push_back(msg);
-            if pending == 0 || seq == to {
-                done = true;
-            }
-        }
-        let Some(result) = checks.next().await else {
-            break;
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(ReplayError::Stopped),
+            m = messages.next() => m,
         };
-        let msg = waiting
-            .pop_front()
-            .ok_or_else(|| ReplayError::Bus("replay bookkeeping lost a message".into()))?;
-        if !result? {
-            if let Some(row) = row_of(msg.headers.as_ref(), &msg.payload) {
-                out.push(row).await?;
-            }
+        let msg = msg
+            .ok_or_else(|| ReplayError::Bus("the replay ended early".into()))?
+            .map_err(bus)?;
+        let info = msg.info().map_err(bus)?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        if seq > to {
+            break;
+        }
+        repeats.insert(msg.subject.as_str());
+        let action = action_of(msg.headers.as_ref(), &msg.payload);
+        spill
+            .push(seq, msg.subject.as_str(), action, &msg.payload)
+            .await?;
+        if pending == 0 || seq == to {
+            break;
         }
     }
-    Ok(())
+    Ok((spill, repeats))
+}
+
+/// One version as the spill file keeps it.
+struct Spilled {
+    seq: u64,
+    subject: String,
+    action: Option<Action>,
+    payload: Bytes,
+}
+
+mod spill {
+    //! The spill file of an incremental export: one record per version,
+    //! `seq u64 | subject length u16 | subject | action u8 | payload
+    //! length u32 | payload`, little-endian. An unnamed temporary file
+    //! (in `TMPDIR`): it disappears when closed, also after a crash.
+
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+
+    use super::{Action, ReplayError, Spilled};
+
+    const BUFFER: usize = 1 << 20;
+
+    fn io(e: std::io::Error) -> ReplayError {
+        ReplayError::Spill(e.to_string())
+    }
+
+    pub struct Writer {
+        file: tokio::fs::File,
+        buf: Vec<u8>,
+    }
+
+    impl Writer {
+        pub async fn new() -> Result<Writer, ReplayError> {
+            let file = tokio::task::spawn_blocking(tempfile::tempfile)
+                .await
+                .map_err(|e| ReplayError::Spill(e.to_string()))?
+                .map_err(io)?;
+            Ok(Writer {
+                file: tokio::fs::File::from_std(file),
+                buf: Vec::with_capacity(BUFFER + (64 << 10)),
+            })
+        }
+
+        pub async fn push(
+            &mut self,
+            seq: u64,
+            subject: &str,
+            action: Option<Action>,
+            payload: &[u8],
+        ) -> Result<(), ReplayError> {
+            let subject_len = u16::try_from(subject.len())
+                .map_err(|_| ReplayError::Spill("a subject is too long".into()))?;
+            let payload_len = u32::try_from(payload.len())
+                .map_err(|_| ReplayError::Spill("a message is too large".into()))?;
+            self.buf.extend_from_slice(&seq.to_le_bytes());
+            self.buf.extend_from_slice(&subject_len.to_le_bytes());
+            self.buf.extend_from_slice(subject.as_bytes());
+            self.buf.push(match action {
+                None => 0,
+                Some(Action::Created) => 1,
+                Some(Action::Updated) => 2,
+                Some(Action::Deleted) => 3,
+            });
+            self.buf.extend_from_slice(&payload_len.to_le_bytes());
+            self.buf.extend_from_slice(payload);
+            if self.buf.len() >= BUFFER {
+                self.file.write_all(&self.buf).await.map_err(io)?;
+                self.buf.clear();
+            }
+            Ok(())
+        }
+
+        /// Ends writing; the records can be read back from the start.
+        pub async fn read(mut self) -> Result<Reader, ReplayError> {
+            self.file.write_all(&self.buf).await.map_err(io)?;
+            self.file.flush().await.map_err(io)?;
+            self.file.rewind().await.map_err(io)?;
+            Ok(Reader {
+                file: BufReader::with_capacity(BUFFER, self.file),
+            })
+        }
+    }
+
+    pub struct Reader {
+        file: BufReader<tokio::fs::File>,
+    }
+
+    impl Reader {
+        pub async fn next(&mut self) -> Result<Option<Spilled>, ReplayError> {
+            let mut seq = [0u8; 8];
+            match self.file.read_exact(&mut seq).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(io(e)),
+            }
+            let subject_len = self.file.read_u16_le().await.map_err(io)? as usize;
+            let mut subject = vec![0u8; subject_len];
+            self.file.read_exact(&mut subject).await.map_err(io)?;
+            let subject = String::from_utf8(subject)
+                .map_err(|_| ReplayError::Spill("the spill file is damaged".into()))?;
+            let action = match self.file.read_u8().await.map_err(io)? {
+                1 => Some(Action::Created),
+                2 => Some(Action::Updated),
+                3 => Some(Action::Deleted),
+                _ => None,
+            };
+            let payload_len = self.file.read_u32_le().await.map_err(io)? as usize;
+            let mut payload = vec![0u8; payload_len];
+            self.file.read_exact(&mut payload).await.map_err(io)?;
+            Ok(Some(Spilled {
+                seq: u64::from_le_bytes(seq),
+                subject,
+                action,
+                payload: Bytes::from(payload),
+            }))
+        }
+    }
 }
 
 /// Bits of each of the two filters of [`Repeats`]: 2 MiB each.
@@ -406,50 +567,6 @@ impl Repeats {
     fn maybe_repeated(&self, subject: &str) -> bool {
         Self::contains(&self.again, &Self::bits(subject))
     }
-}
-
-/// Reads the subjects of the window (headers only, no payloads) into a
-/// [`Repeats`].
-async fn repeats(
-    stream: &Stream,
-    filter: &str,
-    from: u64,
-    to: u64,
-    cancel: &CancellationToken,
-) -> Result<Repeats, ReplayError> {
-    let mut out = Repeats::new();
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: filter.to_owned(),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from + 1,
-            },
-            headers_only: true,
-            description: Some("Meterline exporter: subjects of a window".into()),
-            ..Default::default()
-        })
-        .await
-        .map_err(bus)?;
-    let mut messages = consumer.messages().await.map_err(bus)?;
-    loop {
-        let msg = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(ReplayError::Stopped),
-            m = messages.next() => m,
-        };
-        let msg = msg
-            .ok_or_else(|| ReplayError::Bus("the replay ended early".into()))?
-            .map_err(bus)?;
-        let info = msg.info().map_err(bus)?;
-        if info.stream_sequence > to {
-            break;
-        }
-        out.insert(msg.subject.as_str());
-        if info.pending == 0 || info.stream_sequence == to {
-            break;
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -648,6 +648,8 @@ impl Runner {
         }
         if destinations.is_empty() {
             destinations.push(Box::new(destination::ObjectStore::new(
+                self.inner.js.clone(),
+                meterline_shared::provision::EXPORT_FILES_BUCKET,
                 self.inner.files.clone(),
                 format!("{org}/{}", req.job_id),
             )));

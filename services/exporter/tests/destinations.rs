@@ -113,8 +113,21 @@ async fn object_store_destination_conforms() {
     let store = provision::ensure_object_store(&js, provision::export_files_bucket(1))
         .await
         .unwrap();
-    let dest = ObjectStore::new(store, "org1/job1");
+    let dest = ObjectStore::new(
+        js.clone(),
+        provision::EXPORT_FILES_BUCKET,
+        store,
+        "org1/job1",
+    );
     conformance(&dest, "export_files:").await;
+    // Nothing is left of replaced or aborted objects: one chunk each for
+    // `small.csv` and the replaced `big.csv`, none for `empty.csv`, and
+    // the three objects' infos.
+    let mut stream = js
+        .get_stream(format!("OBJ_{}", provision::EXPORT_FILES_BUCKET))
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 5);
 }
 
 async fn first_error(dest: &dyn Destination) -> String {

@@ -1,0 +1,235 @@
+//! Reading the states of stored entity events without parsing them.
+//!
+//! An export writes each entity state as it was stored: a CSV cell is the
+//! field's JSON text (a string's content, a number as written, a nested
+//! value as compact JSON). Taking the event apart with a JSON parser costs
+//! more than everything else an export does per row, so this scanner only
+//! finds where things are: the `new` (or `old`) member of the event, and
+//! the members of that object, as spans of the original bytes. It never
+//! decodes a string and never builds a value.
+//!
+//! The events were written by the entities service and are valid JSON; the
+//! scanner still checks every step and gives up (`None`) on anything it
+//! does not expect, so its callers fall back to a full parse.
+
+/// One member of an object: its key (without quotes; `None` if the key
+/// has escapes) and its value's JSON text.
+pub type Member<'a> = (&'a [u8], &'a [u8]);
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
+/// The end (just past the closing quote) of the string opening at `i`, and
+/// whether it has escapes.
+fn string_end(b: &[u8], i: usize) -> Option<(usize, bool)> {
+    let mut j = i + 1;
+    let mut escaped = false;
+    loop {
+        let k = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[k] == b'"' {
+            return Some((k + 1, escaped));
+        }
+        escaped = true;
+        j = k + 2;
+    }
+}
+
+/// The end of the value starting at `i`.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string_end(b, i).map(|(end, _)| end),
+        b'{' | b'[' => {
+            // Nested values are short: a byte loop, strings skipped whole.
+            let mut depth = 0usize;
+            let mut j = i;
+            while let Some(&c) = b.get(j) {
+                match c {
+                    b'"' => {
+                        j = string_end(b, j)?.0;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            None
+        }
+        _ => {
+            let mut j = i;
+            while let Some(c) = b.get(j) {
+                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    break;
+                }
+                j += 1;
+            }
+            (j > i).then_some(j)
+        }
+    }
+}
+
+/// Calls `each` with every member of the object opening at `i`, in order,
+/// until it returns `false`; returns the end of the object (or of the last
+/// member looked at, when stopped early).
+fn members<'a>(
+    b: &'a [u8],
+    i: usize,
+    mut each: impl FnMut(Option<&'a [u8]>, usize, usize) -> bool,
+) -> Option<usize> {
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    let mut j = skip_ws(b, i + 1);
+    if b.get(j) == Some(&b'}') {
+        return Some(j + 1);
+    }
+    loop {
+        if b.get(j) != Some(&b'"') {
+            return None;
+        }
+        let (key_end, escaped) = string_end(b, j)?;
+        let key = (!escaped).then(|| &b[j + 1..key_end - 1]);
+        j = skip_ws(b, key_end);
+        if b.get(j) != Some(&b':') {
+            return None;
+        }
+        let start = skip_ws(b, j + 1);
+        let end = value_end(b, start)?;
+        if !each(key, start, end) {
+            return Some(end);
+        }
+        j = skip_ws(b, end);
+        match b.get(j)? {
+            b',' => j = skip_ws(b, j + 1),
+            b'}' => return Some(j + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// The JSON text of the `new` (or, with `from_old`, the `old`) member of
+/// the event in `payload`; `None` when it is absent.
+pub fn side(payload: &[u8], from_old: bool) -> Option<Option<&[u8]>> {
+    let want: &[u8] = if from_old { b"old" } else { b"new" };
+    let start = skip_ws(payload, 0);
+    let mut found = None;
+    members(payload, start, |key, s, e| {
+        if key == Some(want) {
+            found = Some(&payload[s..e]);
+            return false;
+        }
+        true
+    })?;
+    Some(found)
+}
+
+/// The members of the object `text` into `out` (cleared first); `None`
+/// when `text` is not an object or a key has escapes.
+pub fn object<'a>(text: &'a [u8], out: &mut Vec<Member<'a>>) -> Option<()> {
+    out.clear();
+    let mut ok = true;
+    members(text, 0, |key, s, e| match key {
+        Some(k) => {
+            out.push((k, &text[s..e]));
+            true
+        }
+        None => {
+            ok = false;
+            false
+        }
+    })?;
+    ok.then_some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn spans(v: &Value) -> Vec<(String, Value)> {
+        let text = v.to_string();
+        let mut out = Vec::new();
+        object(text.as_bytes(), &mut out).expect("an object");
+        out.into_iter()
+            .map(|(k, t)| {
+                (
+                    String::from_utf8(k.to_vec()).unwrap(),
+                    serde_json::from_slice(t).expect("a whole value"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn members_are_found_whole_whatever_they_hold() {
+        let v = json!({
+            "id": "a\"}],{[b",
+            "n": -1.5e3,
+            "ok": false,
+            "none": null,
+            "nested": {"a": [1, {"b": "}"}, []], "c": {}},
+            "list": [[1, 2], [], "]", {"x": "["}],
+            "empty": {},
+            "esc": "back\\slash \u{e9} \n",
+            "last": [1]
+        });
+        let got = spans(&v);
+        let want: Vec<(String, Value)> = v
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_side_asked_for_is_found_and_nested_names_do_not_confuse_it() {
+        let ev = json!({
+            "id": "e", "action": "updated",
+            "actor": "{\"new\": 1}",
+            "old": {"new": {"id": "nested"}, "name": "before"},
+            "new": {"id": "a", "name": "after"}
+        })
+        .to_string();
+        let new: Value =
+            serde_json::from_slice(side(ev.as_bytes(), false).unwrap().unwrap()).unwrap();
+        assert_eq!(new, json!({"id": "a", "name": "after"}));
+        let old: Value =
+            serde_json::from_slice(side(ev.as_bytes(), true).unwrap().unwrap()).unwrap();
+        assert_eq!(old["name"], "before");
+        assert_eq!(side(br#"{"new":null}"#, true), Some(None));
+        assert_eq!(side(br#"{"new":null}"#, false), Some(Some(&b"null"[..])));
+    }
+
+    #[test]
+    fn anything_unexpected_gives_up() {
+        let mut out = Vec::new();
+        for bad in [
+            &b""[..],
+            b"[1]",
+            b"{\"a\" 1}",
+            b"{\"a\":1",
+            b"{\"a\":\"open}",
+            b"{\"a\":{\"b\":1}",
+            b"{\"a\":[1,2}",
+            b"{\"k\\u0041\":1}",
+        ] {
+            assert!(
+                object(bad, &mut out).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
