@@ -126,6 +126,47 @@ async fn raw_replay(
     Ok((n, t.elapsed()))
 }
 
+/// Diagnostic: the replay alone, and the replay with encoding, of a
+/// window, without delivery (`BENCH_EXPORT_PROBE=1`).
+async fn probe(
+    stream: &jetstream::stream::Stream,
+    from: Option<u64>,
+    to: u64,
+) -> anyhow::Result<()> {
+    use meterline_exporter::format::{Encoder, Format};
+    use meterline_exporter::replay::{replay, Window};
+    let ty = meterline_shared::registry::get("account").expect("account type");
+    let cols = meterline_exporter::runner::columns(ty);
+    for encode in [false, true] {
+        let t = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let cancel = meterline_shared::shutdown::CancellationToken::new();
+        let s = stream.clone();
+        let reader = tokio::spawn(async move {
+            replay(&s, ORG, "account", Window { from, to }, &tx, &cancel).await
+        });
+        let mut enc = Encoder::new(Format::Csv, cols.clone(), false);
+        let mut n = 0u64;
+        while let Some(batch) = rx.recv().await {
+            for row in batch {
+                n += 1;
+                if encode {
+                    enc.encode(&row);
+                    enc.push_encoded();
+                    let _ = enc.take(1 << 20);
+                }
+            }
+        }
+        reader.await??;
+        println!(
+            "probe: replay{} of {n} rows: {:.0} rows/s",
+            if encode { " + encode" } else { "" },
+            n as f64 / t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 fn peak_rss_reset() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -315,6 +356,10 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
 
     // Initial exports: every account.
     let raw = raw_replay(&entities, &filter, 1, u64::MAX).await?;
+    if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
+        let last = entities.get_info().await?.state.last_sequence;
+        probe(&entities, None, last).await?;
+    }
     let (local, t_local, m_local) = export(&js, &jobs, "local").await?;
     out.extend(rows(
         "initial export to local files",
@@ -362,6 +407,13 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let from = local.to_sequence.unwrap_or(0) + 1;
     let last = entities.get_info().await?.state.last_sequence;
     let raw = raw_replay(&entities, &filter, from, last).await?;
+    if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
+        println!(
+            "probe: raw {:.0} rows/s",
+            raw.0 as f64 / raw.1.as_secs_f64()
+        );
+        probe(&entities, Some(from - 1), last).await?;
+    }
     let (local, t_local, m_local) = export(&js, &jobs, "local").await?;
     out.extend(rows(
         "incremental export to local files",

@@ -149,6 +149,10 @@ pub fn env_usize(name: &str, default: usize) -> usize {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs of the services run in-process, only when asked for.
+    if std::env::var_os("RUST_LOG").is_some() {
+        meterline_shared::telemetry::init("bench");
+    }
     let nats = NatsServer::start();
     println!(
         "nats-server {} (JetStream, sync_interval: always)",

@@ -295,7 +295,13 @@ async fn incremental(
         Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
         Err(e) => return Err(bus(e)),
     }
+    let reading = std::time::Instant::now();
     let (spill, repeats) = read_window(stream, &filter, from, to, cancel).await?;
+    tracing::debug!(
+        filter,
+        seconds = reading.elapsed().as_secs_f64(),
+        "window read into the spill file"
+    );
     let mut versions = spill.read().await?;
     let mut checks = futures::stream::FuturesOrdered::new();
     let mut waiting: VecDeque<Spilled> = VecDeque::new();
@@ -312,9 +318,13 @@ async fn incremental(
             };
             // Only an entity seen more than once in the window can have a
             // later version in it.
-            let check = repeats
-                .maybe_repeated(&v.subject)
-                .then(|| (stream.clone(), v.subject.clone(), v.seq));
+            let repeated = repeats.maybe_repeated(&v.subject);
+            if !repeated && checks.is_empty() {
+                // Nothing to wait for: straight out.
+                emit(out, v).await?;
+                continue;
+            }
+            let check = repeated.then(|| (stream.clone(), v.subject.clone(), v.seq));
             checks.push_back(async move {
                 match check {
                     Some((stream, subject, seq)) => superseded(stream, subject, seq, to).await,
@@ -330,18 +340,24 @@ async fn incremental(
             .pop_front()
             .ok_or_else(|| ReplayError::Bus("replay bookkeeping lost a message".into()))?;
         if !result? {
-            if let Some(action) = v.action {
-                let deleted = action == Action::Deleted;
-                out.push(Row {
-                    state: State::Event {
-                        payload: v.payload,
-                        from_old: deleted,
-                    },
-                    deleted,
-                })
-                .await?;
-            }
+            emit(out, v).await?;
         }
+    }
+    Ok(())
+}
+
+/// The row of a spilled version that is its entity's last in the window.
+async fn emit(out: &mut Out<'_>, v: Spilled) -> Result<(), ReplayError> {
+    if let Some(action) = v.action {
+        let deleted = action == Action::Deleted;
+        out.push(Row {
+            state: State::Event {
+                payload: v.payload,
+                from_old: deleted,
+            },
+            deleted,
+        })
+        .await?;
     }
     Ok(())
 }
@@ -413,8 +429,10 @@ mod spill {
     //! length u32 | payload`, little-endian. An unnamed temporary file
     //! (in `TMPDIR`): it disappears when closed, also after a crash.
 
-    use bytes::Bytes;
-    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+    use std::io::Read;
+
+    use bytes::BytesMut;
+    use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
     use super::{Action, ReplayError, Spilled};
 
@@ -476,42 +494,87 @@ mod spill {
             self.file.flush().await.map_err(io)?;
             self.file.rewind().await.map_err(io)?;
             Ok(Reader {
-                file: BufReader::with_capacity(BUFFER, self.file),
+                file: Some(self.file.into_std().await),
+                buf: BytesMut::with_capacity(2 * BUFFER),
+                eof: false,
             })
         }
     }
 
     pub struct Reader {
-        file: BufReader<tokio::fs::File>,
+        file: Option<std::fs::File>,
+        buf: BytesMut,
+        eof: bool,
     }
 
     impl Reader {
-        pub async fn next(&mut self) -> Result<Option<Spilled>, ReplayError> {
-            let mut seq = [0u8; 8];
-            match self.file.read_exact(&mut seq).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-                Err(e) => return Err(io(e)),
+        /// Whether at least `need` bytes are buffered, reading more (in
+        /// large blocks, off the async threads) as needed.
+        async fn fill(&mut self, need: usize) -> Result<bool, ReplayError> {
+            while self.buf.len() < need && !self.eof {
+                let Some(mut file) = self.file.take() else {
+                    return Err(ReplayError::Spill("the spill file is closed".into()));
+                };
+                let (file, chunk) = tokio::task::spawn_blocking(move || {
+                    let mut chunk = vec![0u8; BUFFER];
+                    let n = file.read(&mut chunk)?;
+                    chunk.truncate(n);
+                    Ok::<_, std::io::Error>((file, chunk))
+                })
+                .await
+                .map_err(|e| ReplayError::Spill(e.to_string()))?
+                .map_err(io)?;
+                self.file = Some(file);
+                self.eof = chunk.is_empty();
+                self.buf.extend_from_slice(&chunk);
             }
-            let subject_len = self.file.read_u16_le().await.map_err(io)? as usize;
-            let mut subject = vec![0u8; subject_len];
-            self.file.read_exact(&mut subject).await.map_err(io)?;
-            let subject = String::from_utf8(subject)
-                .map_err(|_| ReplayError::Spill("the spill file is damaged".into()))?;
-            let action = match self.file.read_u8().await.map_err(io)? {
+            Ok(self.buf.len() >= need)
+        }
+
+        fn damaged() -> ReplayError {
+            ReplayError::Spill("the spill file is damaged".into())
+        }
+
+        pub async fn next(&mut self) -> Result<Option<Spilled>, ReplayError> {
+            if !self.fill(10).await? {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Self::damaged())
+                };
+            }
+            let subject_len = u16::from_le_bytes([self.buf[8], self.buf[9]]) as usize;
+            let head = 10 + subject_len + 1 + 4;
+            if !self.fill(head).await? {
+                return Err(Self::damaged());
+            }
+            let p = 10 + subject_len + 1;
+            let payload_len = u32::from_le_bytes([
+                self.buf[p],
+                self.buf[p + 1],
+                self.buf[p + 2],
+                self.buf[p + 3],
+            ]) as usize;
+            if !self.fill(head + payload_len).await? {
+                return Err(Self::damaged());
+            }
+            let record = self.buf.split_to(head + payload_len).freeze();
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&record[..8]);
+            let subject = std::str::from_utf8(&record[10..10 + subject_len])
+                .map_err(|_| Self::damaged())?
+                .to_owned();
+            let action = match record[10 + subject_len] {
                 1 => Some(Action::Created),
                 2 => Some(Action::Updated),
                 3 => Some(Action::Deleted),
                 _ => None,
             };
-            let payload_len = self.file.read_u32_le().await.map_err(io)? as usize;
-            let mut payload = vec![0u8; payload_len];
-            self.file.read_exact(&mut payload).await.map_err(io)?;
             Ok(Some(Spilled {
                 seq: u64::from_le_bytes(seq),
                 subject,
                 action,
-                payload: Bytes::from(payload),
+                payload: record.slice(head..),
             }))
         }
     }

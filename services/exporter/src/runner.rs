@@ -671,6 +671,7 @@ impl Runner {
     ) -> Result<ExportJobRecord, JobError> {
         let org = req.org_id.as_str();
         let job = req.job_id.as_str();
+        let started = Instant::now();
         let schedule = req
             .schedule_id
             .as_deref()
@@ -725,7 +726,14 @@ impl Runner {
         let rec = if advanced && !rec.files.is_empty() {
             rec
         } else {
+            let delivering = Instant::now();
             let delivered = self.deliver(req, &spec, window, cancel).await?;
+            tracing::debug!(
+                org,
+                job,
+                seconds = delivering.elapsed().as_secs_f64(),
+                "files delivered"
+            );
             self.inner
                 .jobs
                 .update(org, job, |r| {
@@ -775,6 +783,7 @@ impl Runner {
             rows = done.rows,
             bytes = done.bytes,
             files = done.files.len(),
+            seconds = started.elapsed().as_secs_f64(),
             "export job succeeded"
         );
         Ok(done)
