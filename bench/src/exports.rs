@@ -201,6 +201,9 @@ async fn export(
     let base = status_kib("VmRSS:");
     peak_rss_reset();
     let t = Instant::now();
+    if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
+        println!("probe: {} job {} requested", Utc::now(), req.job_id);
+    }
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", req.job_id.as_str());
     js.publish_with_headers(
@@ -221,6 +224,9 @@ async fn export(
         }
     };
     let elapsed = t.elapsed();
+    if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
+        println!("probe: {} job {} seen final", Utc::now(), req.job_id);
+    }
     anyhow::ensure!(
         rec.status == JobStatus::Succeeded,
         "export job failed: {:?}",

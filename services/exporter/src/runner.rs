@@ -389,6 +389,7 @@ impl Runner {
     /// how many times its message has been delivered.
     pub async fn run(&self, req: &ExportJobRequest, cancel: &CancellationToken) -> Outcome {
         let org = req.org_id.as_str();
+        tracing::debug!(org, job = %req.job_id, "export job taken");
         let rec = match self.start(req).await {
             Ok(Ok(rec)) => rec,
             Ok(Err(done)) => return Outcome::Final(Box::new(done)),
@@ -677,6 +678,7 @@ impl Runner {
             .as_deref()
             .filter(|s| *s != ADHOC && req.adhoc.is_none());
         let spec = self.spec(req).await?;
+        tracing::debug!(org, job, "export job specified");
         // The cursor, and whether this job already moved it.
         let cursor = match schedule {
             Some(s) => self.inner.jobs.cursor(org, s).await?,
@@ -765,6 +767,7 @@ impl Runner {
         }
         self.announce(req, &spec, &rec).await?;
         self.event(org, SUCCESS_EVENT, &rec, None).await?;
+        tracing::debug!(org, job, "export job announced");
         let done = self
             .inner
             .jobs
@@ -1002,7 +1005,14 @@ impl Runner {
         progress.add(0, last.len() as u64);
         file.write(Bytes::from(last)).await?;
         let rows_in_part = file.rows;
+        let finishing = Instant::now();
         out.push(file.finish(ty, rows_in_part).await?);
+        tracing::debug!(
+            org = %req.org_id,
+            job = %req.job_id,
+            seconds = finishing.elapsed().as_secs_f64(),
+            "last part completed"
+        );
         Ok(out)
     }
 }
