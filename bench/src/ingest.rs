@@ -151,7 +151,9 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let batches = env_usize("BENCH_INGEST_BATCHES", 400);
     let concurrency = env_usize("BENCH_CONCURRENCY", 64).min(32);
     let client = nats.client().await;
-    let js = jetstream::new(client.clone());
+    let mut js = jetstream::new(client.clone());
+    // On a shared machine's busy disk a flushed write can take seconds.
+    js.set_timeout(std::time::Duration::from_secs(60));
     let entities =
         meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url())).await?;
     let entities = Running::spawn(|stop| entities.run_until_stopped(stop));
