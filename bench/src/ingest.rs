@@ -1,7 +1,8 @@
 //! Ingest: measurements per second in 1000-measurement batches with
 //! de-duplication on, beside raw JetStream publishes of the same bytes in the
-//! same grouping (one MessagePack group per meter plus the uid marker) on a
-//! bare stream; p99 request latency; memory per remembered uid.
+//! same grouping on a bare stream (for each uid partition of the batch, one
+//! MessagePack group per meter plus the uid marker: the messages ingest
+//! stores); p99 request latency; memory per remembered uid.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use meterline_ingest::commit::{partition, PARTITIONS};
 use meterline_ingest::model::{Marker, Measurement, MeasurementGroup};
 use meterline_ingest::uids::{fingerprint, UidIndex};
 use meterline_shared::codec::Codec;
@@ -32,29 +34,84 @@ fn measurements(batch: usize) -> Vec<Value> {
         .collect()
 }
 
-/// The bytes ingest stores for one batch: the group message and the marker.
-fn stored_form(batch: usize, raw: &[Value]) -> anyhow::Result<(Bytes, Bytes)> {
+/// The messages ingest stores for one batch, subject and payload: for each
+/// uid partition the batch's uids fall in, the group of its measurements and
+/// the marker listing their uids (see `meterline_ingest::commit`).
+fn stored_form(batch: usize, raw: &[Value]) -> anyhow::Result<Vec<(String, Bytes)>> {
     let ms: Vec<Measurement> = raw
         .iter()
         .map(|v| serde_json::from_value(v.clone()))
         .collect::<Result<_, _>>()?;
-    let uids = ms.iter().map(|m| m.uid.clone()).collect();
-    let group = MeasurementGroup {
-        org_id: ORG.into(),
-        meter: "api".into(),
-        meter_id: format!("meter-{batch}"),
-        received_at: "2024-05-01T10:00:00.000Z".into(),
-        measurements: ms,
-    };
-    let marker = Marker {
-        day: 20_000,
-        groups: 1,
-        uids,
-    };
-    Ok((
-        Bytes::from(Codec::MsgPack.encode(&group)?),
-        Bytes::from(Codec::MsgPack.encode(&marker)?),
-    ))
+    let mut parts: Vec<Vec<Measurement>> = (0..PARTITIONS).map(|_| Vec::new()).collect();
+    for m in ms {
+        parts[partition(&m.uid)].push(m);
+    }
+    let mut messages = Vec::new();
+    for (p, measurements) in parts.into_iter().enumerate() {
+        if measurements.is_empty() {
+            continue;
+        }
+        let uids = measurements.iter().map(|m| m.uid.clone()).collect();
+        let group = MeasurementGroup {
+            org_id: ORG.into(),
+            meter: "api".into(),
+            meter_id: format!("meter-{batch}"),
+            received_at: "2024-05-01T10:00:00.000Z".into(),
+            measurements,
+        };
+        let marker = Marker {
+            day: 20_000,
+            groups: 1,
+            uids,
+        };
+        messages.push((
+            format!("rawusage.usage.{ORG}.api"),
+            Bytes::from(Codec::MsgPack.encode(&group)?),
+        ));
+        messages.push((
+            format!("rawusage.uidx.{ORG}.{p}"),
+            Bytes::from(Codec::MsgPack.encode(&marker)?),
+        ));
+    }
+    Ok(messages)
+}
+
+/// CPU time (user and system) a process has used so far, from
+/// `/proc/<pid>/stat`, in clock ticks (100 per second on Linux).
+fn cpu_ticks(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time of this process (client and in-process services) and of
+/// nats-server spent on one path, in clock ticks.
+#[derive(Default)]
+struct Cpu {
+    process: u64,
+    server: u64,
+}
+
+impl Cpu {
+    async fn add<T>(&mut self, server: &str, work: impl std::future::Future<Output = T>) -> T {
+        let (p, s) = (cpu_ticks("self"), cpu_ticks(server));
+        let out = work.await;
+        self.process += cpu_ticks("self").saturating_sub(p);
+        self.server += cpu_ticks(server).saturating_sub(s);
+        out
+    }
+
+    /// Milliseconds per `batches` batches of [`BATCH`]: (process, server).
+    fn per_batch(&self, batches: usize) -> (f64, f64) {
+        let ms = |ticks: u64| ticks as f64 * 10.0 / batches.max(1) as f64;
+        (ms(self.process), ms(self.server))
+    }
 }
 
 fn rss_bytes() -> usize {
@@ -94,7 +151,9 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let batches = env_usize("BENCH_INGEST_BATCHES", 400);
     let concurrency = env_usize("BENCH_CONCURRENCY", 64).min(32);
     let client = nats.client().await;
-    let js = jetstream::new(client.clone());
+    let mut js = jetstream::new(client.clone());
+    // On a shared machine's busy disk a flushed write can take seconds.
+    js.set_timeout(std::time::Duration::from_secs(60));
     let entities =
         meterline_entities::App::build(meterline_entities::Settings::for_tests(nats.url())).await?;
     let entities = Running::spawn(|stop| entities.run_until_stopped(stop));
@@ -154,7 +213,7 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
             .map(|ms| serde_json::to_vec(&json!({ "measurements": ms })).map(Bytes::from))
             .collect::<Result<_, _>>()?,
     );
-    let stored: Arc<Vec<(Bytes, Bytes)>> = Arc::new(
+    let stored: Arc<Vec<Vec<(String, Bytes)>>> = Arc::new(
         raw_batches
             .iter()
             .enumerate()
@@ -162,79 +221,100 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
             .collect::<anyhow::Result<_>>()?,
     );
     println!(
-        "ingest: {batches} batches of {BATCH} at {concurrency} in flight; request body {} bytes, stored {} + {} bytes per batch",
+        "ingest: {batches} batches of {BATCH} at {concurrency} in flight; request body {} bytes, stored {} bytes in {} messages per batch",
         bodies[0].len(),
-        stored[0].0.len(),
-        stored[0].1.len()
+        stored[0].iter().map(|(_, b)| b.len()).sum::<usize>(),
+        stored[0].len()
     );
 
     let rounds = 4;
     let per_round = batches / rounds;
     let (mut raw, mut nats_path, mut http_path) =
         (Figure::empty(), Figure::empty(), Figure::empty());
+    let server_pid = nats.pid().map(|p| p.to_string()).unwrap_or_default();
+    let (mut raw_cpu, mut nats_cpu, mut http_cpu) =
+        (Cpu::default(), Cpu::default(), Cpu::default());
     for round in 0..rounds {
         let base = round * per_round;
         raw.add(
-            measure(per_round, concurrency, |i| {
-                let js = js.clone();
-                let stored = stored.clone();
-                async move {
-                    let (group, marker) = &stored[base + i];
-                    let a = js
-                        .publish(format!("rawusage.{ORG}.api"), group.clone())
-                        .await?;
-                    let b = js
-                        .publish(format!("rawusage.uidx.{ORG}"), marker.clone())
-                        .await?;
-                    a.await?;
-                    b.await?;
-                    Ok(())
-                }
-            })
-            .await?,
+            raw_cpu
+                .add(
+                    &server_pid,
+                    measure(per_round, concurrency, |i| {
+                        let js = js.clone();
+                        let stored = stored.clone();
+                        async move {
+                            let mut acks = Vec::new();
+                            for (subject, payload) in &stored[base + i] {
+                                acks.push(js.publish(subject.clone(), payload.clone()).await?);
+                            }
+                            for ack in acks {
+                                ack.await?;
+                            }
+                            Ok(())
+                        }
+                    }),
+                )
+                .await?,
         );
         nats_path.add(
-            measure(per_round, concurrency, |i| {
-                let client = client.clone();
-                let bodies = bodies.clone();
-                async move {
-                    let reply = bus::request(
-                        &client,
-                        subjects::ingest_submit(ORG),
-                        Default::default(),
-                        bodies[base + i].clone(),
-                    )
-                    .await
-                    .map_err(|e| anyhow::anyhow!("submit: {e}"))?;
-                    let v: Value = serde_json::from_slice(&reply)?;
-                    anyhow::ensure!(v["accepted"] == BATCH, "not all accepted: {v}");
-                    Ok(())
-                }
-            })
-            .await?,
+            nats_cpu
+                .add(
+                    &server_pid,
+                    measure(per_round, concurrency, |i| {
+                        let client = client.clone();
+                        let bodies = bodies.clone();
+                        async move {
+                            let reply = bus::request(
+                                &client,
+                                subjects::ingest_submit(ORG),
+                                Default::default(),
+                                bodies[base + i].clone(),
+                            )
+                            .await
+                            .map_err(|e| anyhow::anyhow!("submit: {e}"))?;
+                            let v: Value = serde_json::from_slice(&reply)?;
+                            anyhow::ensure!(v["accepted"] == BATCH, "not all accepted: {v}");
+                            Ok(())
+                        }
+                    }),
+                )
+                .await?,
         );
         http_path.add(
-            measure(per_round, concurrency, |i| {
-                let http = http.clone();
-                let bodies = bodies.clone();
-                let (endpoint, token) = (endpoint.clone(), token.clone());
-                async move {
-                    let v: Value = http
-                        .post(endpoint)
-                        .bearer_auth(token)
-                        .header("content-type", "application/json")
-                        .body(bodies[batches + base + i].clone())
-                        .send()
-                        .await?
-                        .error_for_status()?
-                        .json()
-                        .await?;
-                    anyhow::ensure!(v["accepted"] == BATCH, "not all accepted: {v}");
-                    Ok(())
-                }
-            })
-            .await?,
+            http_cpu
+                .add(
+                    &server_pid,
+                    measure(per_round, concurrency, |i| {
+                        let http = http.clone();
+                        let bodies = bodies.clone();
+                        let (endpoint, token) = (endpoint.clone(), token.clone());
+                        async move {
+                            let v: Value = http
+                                .post(endpoint)
+                                .bearer_auth(token)
+                                .header("content-type", "application/json")
+                                .body(bodies[batches + base + i].clone())
+                                .send()
+                                .await?
+                                .error_for_status()?
+                                .json()
+                                .await?;
+                            anyhow::ensure!(v["accepted"] == BATCH, "not all accepted: {v}");
+                            Ok(())
+                        }
+                    }),
+                )
+                .await?,
         );
+    }
+    for (name, cpu) in [
+        ("raw publishes", &raw_cpu),
+        ("NATS request path", &nats_cpu),
+        ("HTTP through the gateway", &http_cpu),
+    ] {
+        let (process, server) = cpu.per_batch(rounds * per_round);
+        println!("ingest CPU per batch of {BATCH}, {name}: {process:.2} ms bench process (client and services), {server:.2} ms nats-server");
     }
     gateway.stop().await;
     ingest.stop().await;

@@ -9,7 +9,8 @@
 //! - Ingest ([`ingest`]): measurements per second in 1000-measurement
 //!   batches with de-duplication on, over the NATS request path and through
 //!   the gateway over HTTP, beside raw JetStream publishes of the same bytes
-//!   in the same grouping; p99 request latency; memory per remembered uid.
+//!   in the same messages; p99 request latency; CPU time per batch;
+//!   memory per remembered uid.
 //! - Scheduler ([`scheduler`]): with 10,000 active schedules, the delay from
 //!   a slot to its job request on `JOBS` (p50, p99) beside a bare timer
 //!   publishing at the same times, and CPU while idle between slots beside

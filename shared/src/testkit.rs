@@ -114,6 +114,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id while it runs (the bench reads its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("jetstream")
     }

@@ -75,17 +75,31 @@ pub async fn read(
         }
         return Err(too_large(limit));
     }
+    // A body that arrives in one chunk is used as it is; one in several is
+    // copied once, into a buffer of its announced length.
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
+    let mut read = 0;
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
-        if buf.len() + chunk.len() > limit {
+        read += chunk.len();
+        if read > limit {
             drain(stream).await;
             return Err(too_large(limit));
         }
-        buf.extend_from_slice(&chunk);
+        if let Some(head) = first.take() {
+            let expected = content_length.map_or(0, |n| n as usize);
+            buf.reserve(expected.max(read).min(limit));
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(&chunk);
+        } else if buf.is_empty() {
+            first = Some(chunk);
+        } else {
+            buf.extend_from_slice(&chunk);
+        }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 fn too_large(limit: usize) -> ApiError {
@@ -119,6 +133,16 @@ mod tests {
         let err = read(Body::from("x".repeat(11)), 10, None)
             .await
             .unwrap_err();
+        assert_eq!(err.status(), 413);
+        let chunks = futures::stream::iter(
+            ["ab", "", "cde", "fgh"].map(|c| Ok::<_, std::io::Error>(Bytes::from(c))),
+        );
+        let whole = read(Body::from_stream(chunks), 10, Some(8)).await.unwrap();
+        assert_eq!(&whole[..], b"abcdefgh");
+        let chunks = futures::stream::iter(
+            ["abcdef", "ghijk"].map(|c| Ok::<_, std::io::Error>(Bytes::from(c))),
+        );
+        let err = read(Body::from_stream(chunks), 10, None).await.unwrap_err();
         assert_eq!(err.status(), 413);
         let err = read(Body::from("x"), 10, Some(1_000_000))
             .await

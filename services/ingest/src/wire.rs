@@ -14,7 +14,9 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use rmp::encode;
-use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, Visitor};
+use serde::de::{
+    Deserialize, DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor,
+};
 
 use crate::model::Measurement;
 
@@ -205,6 +207,74 @@ impl<'a> Wire<'a> {
     }
 }
 
+/// Reads a submit body, `{"measurements": [...]}`, handing each measurement
+/// to `each` as soon as it is read, without keeping them: no array of
+/// measurements is built, however many the request holds. Returns how many
+/// were read, or `None` as soon as the body or a measurement does not fit
+/// the fast path or `each` refuses one (then the request is read again,
+/// measurement by measurement, to say what is wrong).
+pub fn for_each_measurement<'de>(
+    body: &'de [u8],
+    each: impl FnMut(Wire<'de>) -> bool,
+) -> Option<usize> {
+    // UTF-8 is checked once for the whole body, not string by string.
+    let body = std::str::from_utf8(body).ok()?;
+    let mut de = serde_json::Deserializer::from_str(body);
+    let n = de.deserialize_map(Body { each }).ok()?;
+    de.end().ok()?;
+    Some(n)
+}
+
+/// The body object: `measurements` and nothing else.
+struct Body<F> {
+    each: F,
+}
+
+impl<'de, F: FnMut(Wire<'de>) -> bool> Visitor<'de> for Body<F> {
+    type Value = usize;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("{\"measurements\": [...]}")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+        let mut each = self.each;
+        let mut read = None;
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            if key.0 != "measurements" || read.is_some() {
+                return Err(A::Error::custom("not the fast path's body"));
+            }
+            read = Some(map.next_value_seed(Each(&mut each))?);
+        }
+        read.ok_or_else(|| A::Error::custom("measurements is missing"))
+    }
+}
+
+/// The `measurements` array, read one element at a time.
+struct Each<'f, F>(&'f mut F);
+
+impl<'de, F: FnMut(Wire<'de>) -> bool> DeserializeSeed<'de> for Each<'_, F> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, F: FnMut(Wire<'de>) -> bool> Visitor<'de> for Each<'_, F> {
+    type Value = usize;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of measurements")
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<usize, S::Error> {
+        let mut n = 0;
+        while let Some(w) = seq.next_element::<Wire<'de>>()? {
+            if !(self.0)(w) {
+                return Err(S::Error::custom("measurement refused"));
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 fn str_pair(out: &mut Vec<u8>, key: &str, value: &str) {
     let _ = encode::write_str(out, key);
     let _ = encode::write_str(out, value);
@@ -289,6 +359,45 @@ mod tests {
         assert_eq!(group.measurements.len(), 2);
         assert_eq!(group.measurements[1].uid, "u2");
         assert_eq!(group.measurements[0].measure["calls"], 2.0);
+    }
+
+    #[test]
+    fn bodies_are_read_one_measurement_at_a_time() {
+        let m = r#"{"uid": "u1", "meter": "api", "account": "a", "ts": "2024-05-01T10:00:00Z"}"#;
+        let body = format!(r#"{{"measurements": [{m}, {m}, {m}]}}"#);
+        let mut seen = Vec::new();
+        let n = for_each_measurement(body.as_bytes(), |w| {
+            seen.push(w.account.0.into_owned());
+            true
+        });
+        assert_eq!(n, Some(3));
+        assert_eq!(seen, ["a", "a", "a"]);
+        // Refusing one stops the reading there.
+        let mut calls = 0;
+        let n = for_each_measurement(body.as_bytes(), |_| {
+            calls += 1;
+            calls < 2
+        });
+        assert_eq!((n, calls), (None, 2));
+        assert_eq!(
+            for_each_measurement(br#"{"measurements": []}"#, |_| true),
+            Some(0)
+        );
+        for body in [
+            format!(r#"{{"measurements": [{m}], "extra": 1}}"#),
+            format!(r#"{{"measurements": [{m}], "measurements": [{m}]}}"#),
+            format!(r#"{{"measurements": [{m}, {{"meter": 1}}]}}"#),
+            format!(r#"{{"measurements": [{m}]}} trailing"#),
+            r#"{}"#.to_owned(),
+            r#"[]"#.to_owned(),
+        ] {
+            let n = for_each_measurement(body.as_bytes(), |_| true);
+            assert_eq!(n, None, "{body}");
+        }
+        assert_eq!(
+            for_each_measurement(b"{\"measurements\": [\xff]}", |_| true),
+            None
+        );
     }
 
     #[test]
