@@ -79,8 +79,12 @@ async fn write(
     let mut acks = futures::stream::FuturesUnordered::new();
     for ev in events {
         let subject = subjects::entity(ORG, &ev.entity_type, &ev.entity_id);
+        // As the entities service stores them: with their headers and
+        // the event id as message id.
+        let mut headers = ev.headers();
+        headers.insert("Nats-Msg-Id", ev.id.as_str());
         let ack = js
-            .publish(subject, Bytes::from(serde_json::to_vec(&ev)?))
+            .publish_with_headers(subject, headers, Bytes::from(serde_json::to_vec(&ev)?))
             .await?;
         acks.push(async move { ack.await });
         while acks.len() >= 1024 {

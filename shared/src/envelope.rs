@@ -69,4 +69,14 @@ impl EntityEvent {
     pub fn is_tombstone(&self) -> bool {
         self.action == Action::Deleted
     }
+
+    /// The headers it is stored with on `ENTITIES` (JSON payload): its
+    /// content type, event name and action, so readers can route and
+    /// filter without parsing the payload.
+    pub fn headers(&self) -> async_nats::HeaderMap {
+        let mut headers = crate::codec::Codec::Json.headers();
+        headers.insert(HEADER_EVENT_NAME, self.event_name.as_str());
+        headers.insert(HEADER_ACTION, self.action.as_str());
+        headers
+    }
 }

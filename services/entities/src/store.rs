@@ -7,7 +7,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetEr
 use bytes::Bytes;
 
 use meterline_shared::codec::Codec;
-use meterline_shared::envelope::{EntityEvent, HEADER_ACTION, HEADER_EVENT_NAME};
+use meterline_shared::envelope::EntityEvent;
 use meterline_shared::{subjects, ServiceError};
 
 #[derive(Clone)]
@@ -108,9 +108,7 @@ impl Store {
     pub async fn append(&self, event: &EntityEvent, expected: u64) -> Result<u64, ServiceError> {
         let subject = subjects::entity(&event.org_id, &event.entity_type, &event.entity_id);
         let payload = Bytes::from(Codec::Json.encode(event)?);
-        let mut headers = Codec::Json.headers();
-        headers.insert(HEADER_EVENT_NAME, event.event_name.as_str());
-        headers.insert(HEADER_ACTION, event.action.as_str());
+        let headers = event.headers();
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload)
             .headers(headers)
