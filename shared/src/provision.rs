@@ -182,7 +182,16 @@ pub async fn ensure_stream(
 /// `ENTITIES` and `EVENTS`, in that order (`EVENTS` sources `ENTITIES`),
 /// with `replicas` copies each.
 pub async fn ensure_core(js: &jetstream::Context, replicas: usize) -> Result<(), ProvisionError> {
-    for config in [entities(), events()] {
+    ensure_streams(js, replicas, [entities(), events()]).await
+}
+
+/// [`ensure_stream`] for each of `configs`, with `replicas` replicas.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    replicas: usize,
+    configs: impl IntoIterator<Item = Config>,
+) -> Result<(), ProvisionError> {
+    for config in configs {
         ensure_stream(
             js,
             Config {

@@ -185,16 +185,7 @@ impl App {
         let js = jetstream::new(client.clone());
         let replicas = settings.nats.stream_replicas.max(1);
         provision::ensure_core(&js, replicas).await?;
-        for config in [provision::jobs(), provision::exports()] {
-            provision::ensure_stream(
-                &js,
-                jetstream::stream::Config {
-                    num_replicas: replicas,
-                    ..config
-                },
-            )
-            .await?;
-        }
+        provision::ensure_streams(&js, replicas, [provision::jobs(), provision::exports()]).await?;
         let jobs = Jobs::open(&js, replicas).await?;
         let files =
             provision::ensure_object_store(&js, provision::export_files_bucket(replicas)).await?;

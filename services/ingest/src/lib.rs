@@ -420,12 +420,10 @@ impl App {
         let js = jetstream::new(client.clone());
         let replicas = settings.nats.stream_replicas.max(1);
         provision::ensure_core(&js, replicas).await?;
-        provision::ensure_stream(
+        provision::ensure_streams(
             &js,
-            jetstream::stream::Config {
-                num_replicas: replicas,
-                ..provision::measurements(settings.retention_days)
-            },
+            replicas,
+            [provision::measurements(settings.retention_days)],
         )
         .await?;
         let measurements = js.get_stream(subjects::MEASUREMENTS_STREAM).await?;

@@ -386,14 +386,7 @@ impl Uploads {
             provision::upload_files_bucket(settings.retention_days, replicas),
         )
         .await?;
-        provision::ensure_stream(
-            &js,
-            jetstream::stream::Config {
-                num_replicas: replicas.max(1),
-                ..provision::uploads()
-            },
-        )
-        .await?;
+        provision::ensure_streams(&js, replicas, [provision::uploads()]).await?;
         let queue = js.get_stream(subjects::UPLOADS_STREAM).await?;
         let jobs_stream = js
             .get_stream(format!("KV_{}", provision::UPLOAD_JOBS_BUCKET))

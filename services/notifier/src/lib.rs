@@ -190,16 +190,12 @@ impl App {
         let js = jetstream::new(client.clone());
         let replicas = settings.nats.stream_replicas.max(1);
         provision::ensure_core(&js, replicas).await?;
-        for config in [provision::deliveries(), provision::dead_letters()] {
-            provision::ensure_stream(
-                &js,
-                jetstream::stream::Config {
-                    num_replicas: replicas,
-                    ..config
-                },
-            )
-            .await?;
-        }
+        provision::ensure_streams(
+            &js,
+            replicas,
+            [provision::deliveries(), provision::dead_letters()],
+        )
+        .await?;
         let entities = js.get_stream(subjects::ENTITIES_STREAM).await?;
         let events = js.get_stream(subjects::EVENTS_STREAM).await?;
         let deliveries = js.get_stream(subjects::DELIVERIES_STREAM).await?;

@@ -130,22 +130,9 @@ impl App {
         let js = jetstream::new(client.clone());
         let replicas = settings.nats.stream_replicas.max(1);
         provision::ensure_core(&js, replicas).await?;
-        provision::ensure_stream(
-            &js,
-            jetstream::stream::Config {
-                num_replicas: replicas,
-                ..provision::jobs()
-            },
-        )
-        .await?;
-        let job_records = provision::ensure_kv(
-            &js,
-            jetstream::kv::Config {
-                num_replicas: replicas,
-                ..provision::export_jobs_bucket(replicas)
-            },
-        )
-        .await?;
+        provision::ensure_streams(&js, replicas, [provision::jobs()]).await?;
+        let job_records =
+            provision::ensure_kv(&js, provision::export_jobs_bucket(replicas)).await?;
         let emitted = events::provision(&js, replicas).await?;
         let entities = js.get_stream(subjects::ENTITIES_STREAM).await?;
         let writer = JobWriter::new(js.clone(), job_records, clock.clone());
