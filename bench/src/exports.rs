@@ -14,6 +14,10 @@
 //! the faster of one replay just before the job and one just after.
 //! Peak memory is the process's peak resident set during each export, over
 //! what it held before (Linux `VmHWM`, reset before each job).
+//!
+//! To see where an export's time goes: `BENCH_EXPORT_PROBE=1` also times
+//! the replay alone and the replay with encoding (no delivery), and
+//! `RUST_LOG=meterline_exporter=debug` logs each job's stages.
 
 use std::time::{Duration, Instant};
 
@@ -219,9 +223,6 @@ async fn export(
     let base = status_kib("VmRSS:");
     peak_rss_reset();
     let t = Instant::now();
-    if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
-        println!("probe: {} job {} requested", Utc::now(), req.job_id);
-    }
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", req.job_id.as_str());
     js.publish_with_headers(
@@ -242,9 +243,6 @@ async fn export(
         }
     };
     let elapsed = t.elapsed();
-    if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
-        println!("probe: {} job {} seen final", Utc::now(), req.job_id);
-    }
     anyhow::ensure!(
         rec.status == JobStatus::Succeeded,
         "export job failed: {:?}",

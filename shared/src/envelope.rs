@@ -28,6 +28,13 @@ pub enum Action {
 }
 
 impl Action {
+    pub const ALL: [Action; 3] = [Action::Created, Action::Updated, Action::Deleted];
+
+    /// The action named `name` (as [`Action::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Created => "created",

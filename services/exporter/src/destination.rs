@@ -630,6 +630,11 @@ struct ObjectPut {
 }
 
 impl ObjectPut {
+    /// The subject of the chunks of the object instance `nuid`.
+    fn chunk_subject(&self, nuid: &str) -> String {
+        format!("$O.{}.C.{nuid}", self.bucket)
+    }
+
     fn failed(&self, e: impl std::fmt::Display) -> DeliveryError {
         DeliveryError(format!(
             "writing {} to {} failed: {e}",
@@ -642,7 +647,7 @@ impl ObjectPut {
         chunks: mpsc::Receiver<std::io::Result<Bytes>>,
     ) -> Result<(), DeliveryError> {
         let nuid = uuid::Uuid::new_v4().simple().to_string();
-        let chunk_subject = format!("$O.{}.C.{nuid}", self.bucket);
+        let chunk_subject = self.chunk_subject(&nuid);
         let result = self.write(&chunk_subject, &nuid, chunks).await;
         if result.is_err() {
             self.purge(&chunk_subject).await;
@@ -726,8 +731,7 @@ impl ObjectPut {
             .await
             .map_err(|e| self.failed(e))?;
         if let Some(old) = existing.filter(|o| o.nuid != nuid) {
-            self.purge(&format!("$O.{}.C.{}", self.bucket, old.nuid))
-                .await;
+            self.purge(&self.chunk_subject(&old.nuid)).await;
         }
         Ok(())
     }

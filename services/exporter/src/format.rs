@@ -199,6 +199,13 @@ pub fn csv_header(columns: &[String]) -> Vec<u8> {
     out
 }
 
+/// Encodes a stored row the scanner could not read by parsing it.
+fn encode_parsed(format: Format, columns: &[String], row: &Row, out: &mut Vec<u8>) {
+    let mut parsed = row.clone();
+    parsed.map();
+    encode_row(format, columns, &parsed, out);
+}
+
 /// Encodes one row into `out`.
 pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u8>) {
     let deleted: &[u8] = if row.deleted { b"true" } else { b"false" };
@@ -220,11 +227,7 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
                 None => None,
             };
             if scanned.is_none() {
-                // Not the shape the scanner knows: parse it.
-                let mut parsed = row.clone();
-                parsed.map();
-                encode_row(format, columns, &parsed, out);
-                return;
+                return encode_parsed(format, columns, row, out);
             }
             // Columns and fields are mostly in the same order: look from
             // where the last one was found.
@@ -253,12 +256,7 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
             let text: &[u8] = match scan::side(payload, *from_old) {
                 Some(Some(t)) if t.first() == Some(&b'{') => t,
                 Some(_) => b"{}",
-                None => {
-                    let mut parsed = row.clone();
-                    parsed.map();
-                    encode_row(format, columns, &parsed, out);
-                    return;
-                }
+                None => return encode_parsed(format, columns, row, out),
             };
             let body = text.strip_suffix(b"}").unwrap_or(text).trim_ascii_end();
             out.extend_from_slice(body);

@@ -71,14 +71,11 @@ const BATCH: usize = 256;
 
 /// The action of a stored entity event: from its header, else its body.
 fn action_of(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<Action> {
-    match headers
+    if let Some(action) = headers
         .and_then(|h| h.get(HEADER_ACTION))
-        .map(|v| v.as_str())
+        .and_then(|v| Action::parse(v.as_str()))
     {
-        Some("created") => return Some(Action::Created),
-        Some("updated") => return Some(Action::Updated),
-        Some("deleted") => return Some(Action::Deleted),
-        _ => {}
+        return Some(action);
     }
     #[derive(Deserialize)]
     struct Only {
@@ -92,14 +89,19 @@ fn action_of(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<
 /// The row a version stands for: its state, or for a tombstone its last
 /// state marked deleted. The message's bytes are kept as they are.
 fn row_of(headers: Option<&async_nats::HeaderMap>, payload: &Bytes) -> Option<Row> {
-    let deleted = action_of(headers, payload)? == Action::Deleted;
-    Some(Row {
+    Some(row_for(action_of(headers, payload)?, payload.clone()))
+}
+
+/// The row of a version with `action` stored as `payload`.
+fn row_for(action: Action, payload: Bytes) -> Row {
+    let deleted = action == Action::Deleted;
+    Row {
         state: State::Event {
-            payload: payload.clone(),
+            payload,
             from_old: deleted,
         },
         deleted,
-    })
+    }
 }
 
 /// Sends every row of `entity_type` in `window` to `rows`; returns how many.
@@ -348,18 +350,10 @@ async fn incremental(
 
 /// The row of a spilled version that is its entity's last in the window.
 async fn emit(out: &mut Out<'_>, v: Spilled) -> Result<(), ReplayError> {
-    if let Some(action) = v.action {
-        let deleted = action == Action::Deleted;
-        out.push(Row {
-            state: State::Event {
-                payload: v.payload,
-                from_old: deleted,
-            },
-            deleted,
-        })
-        .await?;
+    match v.action.map(|a| row_for(a, v.payload)) {
+        Some(row) => out.push(row).await,
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Reads the window once, filtered to the type, into a spill file on local
@@ -473,12 +467,12 @@ mod spill {
             self.buf.extend_from_slice(&seq.to_le_bytes());
             self.buf.extend_from_slice(&subject_len.to_le_bytes());
             self.buf.extend_from_slice(subject.as_bytes());
-            self.buf.push(match action {
-                None => 0,
-                Some(Action::Created) => 1,
-                Some(Action::Updated) => 2,
-                Some(Action::Deleted) => 3,
-            });
+            // 0: unknown, else 1 + its place in `Action::ALL`.
+            self.buf.push(
+                action
+                    .and_then(|a| Action::ALL.iter().position(|x| *x == a))
+                    .map_or(0, |i| i as u8 + 1),
+            );
             self.buf.extend_from_slice(&payload_len.to_le_bytes());
             self.buf.extend_from_slice(payload);
             if self.buf.len() >= BUFFER {
@@ -564,12 +558,9 @@ mod spill {
             let subject = std::str::from_utf8(&record[10..10 + subject_len])
                 .map_err(|_| Self::damaged())?
                 .to_owned();
-            let action = match record[10 + subject_len] {
-                1 => Some(Action::Created),
-                2 => Some(Action::Updated),
-                3 => Some(Action::Deleted),
-                _ => None,
-            };
+            let action = (record[10 + subject_len] as usize)
+                .checked_sub(1)
+                .and_then(|i| Action::ALL.get(i).copied());
             Ok(Some(Spilled {
                 seq: u64::from_le_bytes(seq),
                 subject,
