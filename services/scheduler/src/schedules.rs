@@ -14,6 +14,11 @@
 //!   no slot before the edit is caught up, and the cursor is untouched.
 //! - Deleting a schedule stops its slots; so does setting `active` to
 //!   `false`, and setting it back to `true` requests an immediate job.
+//! - A change counts from the time it was made (`dtCreated`,
+//!   `dtLastModified`), not from when a replica reads it: a slot that falls
+//!   between the two still runs, and replicas agree on a re-activation's
+//!   immediate slot. A replica whose clock is more than a minute away from
+//!   that time counts from its own clock instead.
 //! - A schedule the scheduler cannot run (bad timing, an organization or
 //!   id that cannot be a bucket key, a destination that was deleted) is
 //!   refused: it gets no jobs and is reported ([`Schedules::refusals`]).
@@ -85,6 +90,22 @@ fn time_of(state: &Value, field: &str) -> Option<DateTime<Utc>> {
         .and_then(Value::as_str)
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
         .map(|t| t.with_timezone(&Utc))
+}
+
+/// How far apart the time of a change and the time a replica reads it
+/// may be for the change to count from the time it was made.
+const READ_LAG: chrono::Duration = chrono::Duration::minutes(1);
+
+/// The time the next slots of a change are counted from: the time it was
+/// made, `at`, if this replica reads it within [`READ_LAG`] (so a slot that
+/// falls between the two still runs), else the time it is read (this
+/// replica's clock disagrees with the writer's: its own clock decides).
+fn read_late(at: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+    if (now - at).abs() <= READ_LAG {
+        at
+    } else {
+        now
+    }
 }
 
 fn is_active(state: Option<&Value>) -> bool {
@@ -224,11 +245,15 @@ impl Schedules {
             next: previous.as_ref().and_then(|p| p.next),
             refusal: None,
         };
+        // Live or replayed, a change takes effect at the time it was made
+        // (`dtLastModified`), not when this replica reads it: replicas that
+        // read it at different times, or replay it after a restart, agree on
+        // the immediate job's slot and so on its id.
         if reactivated {
-            s.start = if self.live { now } else { modified };
+            s.start = modified;
         }
         if timing_changed {
-            s.effective_from = if self.live { now } else { modified };
+            s.effective_from = modified;
         }
         s.refusal = self.check(&key, &s);
         let mut fires = Vec::new();
@@ -243,12 +268,21 @@ impl Schedules {
                     source_type: s.source_type.clone(),
                 });
             }
-            if is_new || reactivated || timing_changed || s.next.is_none() {
+            let from = if is_new {
+                Some(read_late(created, now))
+            } else if reactivated || timing_changed {
+                Some(read_late(modified, now))
+            } else if s.next.is_none() {
+                Some(now)
+            } else {
+                None
+            };
+            if let Some(from) = from {
                 s.next = s
                     .timing
                     .as_ref()
                     .ok()
-                    .and_then(|t| t.next_after(created, now));
+                    .and_then(|t| t.next_after(created, from));
             }
         }
         self.report(&key, previous.as_ref().and_then(|p| p.refusal.as_ref()), &s);
@@ -653,16 +687,17 @@ mod tests {
         assert_eq!(s.next_wake(), None);
         assert!(s.due(c + Duration::hours(5)).is_empty());
         let t2 = c + Duration::hours(5);
+        let back_on = sched(json!({"scheduleType": "MINUTE", "period": 30}), c, t2);
         let f = s.apply(
             &ev(
                 SCHEDULE_TYPE,
                 "s1",
                 Action::Updated,
-                Some(on.clone()),
+                Some(back_on),
                 Some(off),
                 t2,
             ),
-            t2,
+            t2 + Duration::seconds(3),
         );
         assert_eq!(slots(&f), [(t2, Trigger::Immediate)]);
         assert_eq!(s.next_wake(), Some(c + Duration::minutes(330)));
@@ -672,6 +707,50 @@ mod tests {
         );
         assert_eq!(s.next_wake(), None);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_change_read_late_keeps_the_slots_of_the_time_it_was_made() {
+        // Created just before a slot and read just after it: that slot
+        // still runs, as a scheduled job.
+        let c = utc(2024, 6, 1, 9, 40) - Duration::milliseconds(100);
+        let read = utc(2024, 6, 1, 9, 40) + Duration::milliseconds(400);
+        let body = sched(json!({"cronExpression": "*/20 * * * *"}), c, c);
+        let created = ev(SCHEDULE_TYPE, "s1", Action::Created, Some(body), None, c);
+        let mut s = Schedules::default();
+        s.start(c - Duration::minutes(1));
+        assert_eq!(slots(&s.apply(&created, read)), [(c, Trigger::Immediate)]);
+        assert_eq!(s.next_wake(), Some(utc(2024, 6, 1, 9, 40)));
+        assert_eq!(
+            slots(&s.due(read)),
+            [(utc(2024, 6, 1, 9, 40), Trigger::Schedule)]
+        );
+        // Two replicas reading a re-activation at different times request
+        // the same immediate job.
+        let mut off = sched(json!({"cronExpression": "*/20 * * * *"}), c, c);
+        off["active"] = json!(false);
+        let t = utc(2024, 6, 1, 11, 5);
+        let on = sched(json!({"cronExpression": "*/20 * * * *"}), c, t);
+        let reactivated = ev(SCHEDULE_TYPE, "s1", Action::Updated, Some(on), Some(off), t);
+        let mut firsts = vec![];
+        for lag in [1, 700] {
+            let mut r = Schedules::default();
+            r.start(c);
+            r.apply(&created, c);
+            let deactivated = {
+                let mut e = reactivated.clone();
+                std::mem::swap(&mut e.new, &mut e.old);
+                e
+            };
+            r.apply(&deactivated, t - Duration::minutes(1));
+            firsts.push(slots(
+                &r.apply(&reactivated, t + Duration::milliseconds(lag)),
+            ));
+        }
+        assert_eq!(
+            firsts,
+            [[(t, Trigger::Immediate)], [(t, Trigger::Immediate)]]
+        );
     }
 
     #[test]

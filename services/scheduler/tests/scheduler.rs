@@ -225,10 +225,18 @@ impl World {
     }
 }
 
-fn created(s: &Value) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s["dtCreated"].as_str().unwrap())
+fn time(s: &Value, field: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s[field].as_str().unwrap())
         .unwrap()
         .with_timezone(&Utc)
+}
+
+fn created(s: &Value) -> DateTime<Utc> {
+    time(s, "dtCreated")
+}
+
+fn modified(s: &Value) -> DateTime<Utc> {
+    time(s, "dtLastModified")
 }
 
 fn id(v: &Value) -> String {
@@ -407,7 +415,8 @@ async fn an_edit_moves_the_next_slots_and_delete_or_deactivation_stop_them() {
     let reactivated = w
         .update("exportschedule", &deactivated, json!({"active": true}))
         .await;
-    let at = clock.now();
+    // Its slot is the time of the re-activation.
+    let at = modified(&reactivated);
     assert_eq!(w.wait_record(&id(&s), at).await.trigger, Trigger::Immediate);
     assert_eq!(w.wait_requests(&id(&s), 4).await.len(), 4);
 
@@ -442,6 +451,8 @@ async fn two_replicas_request_exactly_one_job_per_slot() {
         ("rcron", json!({"cronExpression": "*/20 * * * *"})),
     ] {
         let s = w.schedule(code, timing.clone()).await;
+        // Read by the replicas before the clock moves.
+        w.wait_record(&id(&s), created(&s)).await;
         all.push((id(&s), timing, created(&s)));
     }
     let end = clock.now() + chrono::Duration::hours(12);
