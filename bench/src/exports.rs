@@ -16,7 +16,7 @@
 //! what it held before (Linux `VmHWM`, reset before each job).
 //!
 //! To see where an export's time goes: `BENCH_EXPORT_PROBE=1` also times
-//! the replay alone and the replay with encoding (no delivery), and
+//! the exporter's replay into lines (no delivery), and
 //! `RUST_LOG=meterline_exporter=debug` logs each job's stages.
 
 use std::time::{Duration, Instant};
@@ -135,44 +135,34 @@ async fn raw_replay(
     Ok((n, t.elapsed()))
 }
 
-/// Diagnostic: the replay alone, and the replay with encoding, of a
-/// window, without delivery (`BENCH_EXPORT_PROBE=1`).
+/// Diagnostic: the exporter's replay of a window into CSV lines, without
+/// delivery (`BENCH_EXPORT_PROBE=1`).
 async fn probe(
     stream: &jetstream::stream::Stream,
     from: Option<u64>,
     to: u64,
 ) -> anyhow::Result<()> {
-    use meterline_exporter::format::{Encoder, Format};
+    use meterline_exporter::format::Format;
     use meterline_exporter::replay::{replay, Window};
-    let ty = meterline_shared::registry::get("account").expect("account type");
-    let cols = meterline_exporter::runner::columns(ty);
-    for encode in [false, true] {
-        let t = Instant::now();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        let cancel = meterline_shared::shutdown::CancellationToken::new();
-        let s = stream.clone();
-        let reader = tokio::spawn(async move {
-            replay(&s, ORG, "account", Window { from, to }, &tx, &cancel).await
-        });
-        let mut enc = Encoder::new(Format::Csv, cols.clone(), false);
-        let mut n = 0u64;
-        while let Some(batch) = rx.recv().await {
-            for row in batch {
-                n += 1;
-                if encode {
-                    enc.encode(&row);
-                    enc.push_encoded();
-                    let _ = enc.take(1 << 20);
-                }
-            }
-        }
-        reader.await??;
-        println!(
-            "probe: replay{} of {n} rows: {:.0} rows/s",
-            if encode { " + encode" } else { "" },
-            n as f64 / t.elapsed().as_secs_f64()
-        );
+    use meterline_exporter::rows::{export_types, RowFormat};
+    let kind = export_types(Some(&json!(["ACCOUNTS"]))).map_err(anyhow::Error::msg)?[0];
+    let rows = RowFormat::new(kind, Format::Csv, None);
+    let t = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let cancel = meterline_shared::shutdown::CancellationToken::new();
+    let s = stream.clone();
+    let reader = tokio::spawn(async move {
+        replay(&s, ORG, "account", Window { from, to }, &rows, &tx, &cancel).await
+    });
+    let mut n = 0u64;
+    while let Some(batch) = rx.recv().await {
+        n += batch.len() as u64;
     }
+    reader.await??;
+    println!(
+        "probe: replay into lines of {n} rows: {:.0} rows/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -7,8 +7,9 @@
 //! asks. An export with no rows is the header alone. JSONL is one JSON
 //! object per line: the entity as the API returns it, plus `deleted`.
 //!
-//! [`Encoder`] turns rows into bytes, compressing as it goes, and hands
-//! them out in chunks so a file is never held whole.
+//! [`encode_row`] turns a row into its line; [`Encoder`] joins lines into
+//! a file, compressing as it goes, and hands them out in chunks so a file
+//! is never held whole.
 
 use std::io::Write;
 
@@ -270,14 +271,11 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
     }
 }
 
-/// Turns rows into the bytes of one file (part), compressing if asked, and
-/// yields them in chunks of about `chunk` bytes.
+/// Joins lines into the bytes of one file (part), compressing if asked,
+/// and yields them in chunks of about `chunk` bytes.
 pub struct Encoder {
-    format: Format,
-    columns: Vec<String>,
     gzip: Option<GzEncoder<Vec<u8>>>,
     plain: Vec<u8>,
-    scratch: Vec<u8>,
     /// Bytes handed out so far (as stored: compressed when gzip).
     emitted: u64,
     rows: u64,
@@ -285,19 +283,15 @@ pub struct Encoder {
 
 impl Encoder {
     /// A new file: writes the CSV header first.
-    pub fn new(format: Format, columns: Vec<String>, gzip: bool) -> Encoder {
+    pub fn new(format: Format, columns: &[String], gzip: bool) -> Encoder {
         let mut e = Encoder {
-            format,
-            columns,
             gzip: gzip.then(|| GzEncoder::new(Vec::with_capacity(1 << 20), Compression::fast())),
             plain: Vec::with_capacity(1 << 20),
-            scratch: Vec::with_capacity(4096),
             emitted: 0,
             rows: 0,
         };
         if format == Format::Csv {
-            let header = csv_header(&e.columns);
-            e.append(&header);
+            e.append(&csv_header(columns));
         }
         e
     }
@@ -312,19 +306,9 @@ impl Encoder {
         }
     }
 
-    /// The encoded size of `row`, written to the internal scratch buffer;
-    /// call [`Encoder::push_encoded`] to add it.
-    pub fn encode(&mut self, row: &Row) -> usize {
-        self.scratch.clear();
-        encode_row(self.format, &self.columns, row, &mut self.scratch);
-        self.scratch.len()
-    }
-
-    /// Adds the row last given to [`Encoder::encode`].
-    pub fn push_encoded(&mut self) {
-        let scratch = std::mem::take(&mut self.scratch);
-        self.append(&scratch);
-        self.scratch = scratch;
+    /// Adds one encoded row (a line from [`encode_row`]).
+    pub fn push_line(&mut self, line: &[u8]) {
+        self.append(line);
         self.rows += 1;
     }
 
@@ -459,16 +443,16 @@ mod tests {
     #[test]
     fn gzip_output_decompresses_to_the_plain_output() {
         let cols = vec!["id".to_string()];
-        let mut plain = Encoder::new(Format::Csv, cols.clone(), false);
-        let mut gz = Encoder::new(Format::Csv, cols, true);
+        let mut plain = Encoder::new(Format::Csv, &cols, false);
+        let mut gz = Encoder::new(Format::Csv, &cols, true);
         let mut a = Vec::new();
         let mut b = Vec::new();
         for i in 0..1000 {
+            let mut line = Vec::new();
             let r = row(json!({ "id": format!("id{i}") }), false);
-            plain.encode(&r);
-            plain.push_encoded();
-            gz.encode(&r);
-            gz.push_encoded();
+            encode_row(Format::Csv, &cols, &r, &mut line);
+            plain.push_line(&line);
+            gz.push_line(&line);
             if let Some(c) = gz.take(100) {
                 b.extend(c);
             }

@@ -24,6 +24,7 @@ pub mod destination;
 pub mod format;
 pub mod jobs;
 pub mod replay;
+pub mod rows;
 pub mod runner;
 mod scan;
 
@@ -435,7 +436,7 @@ async fn queue_adhoc(
             "{unknown}: unknown field"
         )));
     }
-    runner::export_types(body.get("operationalDataTypes"))
+    rows::export_types(body.get("operationalDataTypes"))
         .map_err(|m| ServiceError::bad_request(format!("operationalDataTypes: {m}")))?;
     format::Format::parse(body.get("exportFileFormat").and_then(Value::as_str))
         .map_err(ServiceError::bad_request)?;

@@ -12,15 +12,18 @@
 //!   message is newer) is exported as it was at `S`: the `old` state of its
 //!   first version after `S`.
 //! - Incremental export: an ordered consumer replays the window once,
-//!   filtered to the type, into a spill file on local disk, while the
+//!   filtered to the type; each version is encoded into its lines as it is
+//!   read, and those go into a spill file on local disk, while the
 //!   window's subjects go into two fixed-size Bloom filters. Then the spill
-//!   file is read back in order: a version is exported only if it is its
-//!   entity's last one up to `S`. Only entities that may occur more than
+//!   file is read back in order: a version's lines are sent on only if it
+//!   is its entity's last version up to `S`. Only entities that may occur more than
 //!   once in the window are checked, with one direct get (`next_by_subj`
 //!   after it) each, many at a time. Nothing is kept per entity in memory:
 //!   it is constant whatever the window holds; the spill file is the size
 //!   of the window. A tombstone is exported once, from its last state,
 //!   with `deleted = true`.
+//!
+//! Either way the writer gets finished lines ([`RowFormat`]), in batches.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -37,6 +40,7 @@ use meterline_shared::envelope::{Action, HEADER_ACTION};
 use meterline_shared::subjects;
 
 use crate::format::{Row, State};
+use crate::rows::{Lines, RowFormat};
 
 /// How many "is there a later version" checks run at once.
 const CHECKS_IN_FLIGHT: usize = 256;
@@ -66,7 +70,7 @@ pub struct Window {
     pub to: u64,
 }
 
-/// Rows go to the writer in batches of this many.
+/// Lines go to the writer in batches of about this many.
 const BATCH: usize = 256;
 
 /// The action of a stored entity event: from its header, else its body.
@@ -104,18 +108,22 @@ fn row_for(action: Action, payload: Bytes) -> Row {
     }
 }
 
-/// Sends every row of `entity_type` in `window` to `rows`; returns how many.
+/// Sends the lines of every row of `entity_type` in `window`, as `rows`
+/// makes them, to `lines`; returns how many.
 pub async fn replay(
     stream: &Stream,
     org: &str,
     entity_type: &str,
     window: Window,
-    rows: &mpsc::Sender<Vec<Row>>,
+    rows: &RowFormat,
+    lines: &mpsc::Sender<Vec<Bytes>>,
     cancel: &CancellationToken,
 ) -> Result<u64, ReplayError> {
     let mut out = Out {
-        tx: rows,
-        buf: Vec::with_capacity(BATCH),
+        tx: lines,
+        rows,
+        encoded: Lines::default(),
+        ready: Vec::with_capacity(BATCH),
         sent: 0,
     };
     match window.from {
@@ -128,28 +136,43 @@ pub async fn replay(
     Ok(out.sent)
 }
 
-/// Rows on their way to the writer, sent a batch at a time.
+/// Lines on their way to the writer, sent a batch at a time.
 struct Out<'a> {
-    tx: &'a mpsc::Sender<Vec<Row>>,
-    buf: Vec<Row>,
+    tx: &'a mpsc::Sender<Vec<Bytes>>,
+    rows: &'a RowFormat,
+    /// Lines of rows encoded here, not yet in `ready`.
+    encoded: Lines,
+    ready: Vec<Bytes>,
     sent: u64,
 }
 
 impl Out<'_> {
+    /// Encodes `row` and sends its lines on.
     async fn push(&mut self, row: Row) -> Result<(), ReplayError> {
-        self.buf.push(row);
-        self.sent += 1;
-        if self.buf.len() >= BATCH {
+        self.rows.lines(row, &mut self.encoded);
+        if self.encoded.len() + self.ready.len() >= BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends lines encoded before on.
+    async fn push_lines(&mut self, lines: Vec<Bytes>) -> Result<(), ReplayError> {
+        self.ready.extend(self.encoded.take());
+        self.ready.extend(lines);
+        if self.ready.len() >= BATCH {
             self.flush().await?;
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), ReplayError> {
-        if self.buf.is_empty() {
+        self.ready.extend(self.encoded.take());
+        if self.ready.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH));
+        let batch = std::mem::replace(&mut self.ready, Vec::with_capacity(BATCH));
+        self.sent += batch.len() as u64;
         self.tx
             .send(batch)
             .await
@@ -298,7 +321,7 @@ async fn incremental(
         Err(e) => return Err(bus(e)),
     }
     let reading = std::time::Instant::now();
-    let (spill, repeats) = read_window(stream, &filter, from, to, cancel).await?;
+    let (spill, repeats) = read_window(stream, &filter, from, to, out.rows, cancel).await?;
     tracing::debug!(
         filter,
         seconds = reading.elapsed().as_secs_f64(),
@@ -323,7 +346,7 @@ async fn incremental(
             let repeated = repeats.maybe_repeated(&v.subject);
             if !repeated && checks.is_empty() {
                 // Nothing to wait for: straight out.
-                emit(out, v).await?;
+                out.push_lines(v.lines).await?;
                 continue;
             }
             let check = repeated.then(|| (stream.clone(), v.subject.clone(), v.seq));
@@ -342,33 +365,28 @@ async fn incremental(
             .pop_front()
             .ok_or_else(|| ReplayError::Bus("replay bookkeeping lost a message".into()))?;
         if !result? {
-            emit(out, v).await?;
+            out.push_lines(v.lines).await?;
         }
     }
     Ok(())
 }
 
-/// The row of a spilled version that is its entity's last in the window.
-async fn emit(out: &mut Out<'_>, v: Spilled) -> Result<(), ReplayError> {
-    match v.action.map(|a| row_for(a, v.payload)) {
-        Some(row) => out.push(row).await,
-        None => Ok(()),
-    }
-}
-
-/// Reads the window once, filtered to the type, into a spill file on local
-/// disk, and its subjects into a [`Repeats`]. Whether a version is its
-/// entity's last in the window is only known once the whole window has
-/// been read; the spill file lets the second look be a local read instead
-/// of a second replay from the bus. Its size is the window's, on disk;
+/// Reads the window once, filtered to the type, encodes each version into
+/// its lines, and writes those into a spill file on local disk, and the
+/// subjects into a [`Repeats`]. Whether a version is its entity's last in
+/// the window is only known once the whole window has been read; the spill
+/// file lets the second look be a local read of finished lines instead of
+/// a second replay from the bus. Its size is about the window's, on disk;
 /// memory stays constant.
 async fn read_window(
     stream: &Stream,
     filter: &str,
     from: u64,
     to: u64,
+    rows: &RowFormat,
     cancel: &CancellationToken,
 ) -> Result<(spill::Writer, Repeats), ReplayError> {
+    let mut lines = Lines::default();
     let mut repeats = Repeats::new();
     let mut spill = spill::Writer::new().await?;
     let consumer = stream
@@ -398,10 +416,16 @@ async fn read_window(
             break;
         }
         repeats.insert(msg.subject.as_str());
-        let action = action_of(msg.headers.as_ref(), &msg.payload);
-        spill
-            .push(seq, msg.subject.as_str(), action, &msg.payload)
-            .await?;
+        // A version with no lines (not modified since the job's start
+        // date, or of an unknown action) is not spilled; its entity still
+        // counts as seen, so its earlier versions are checked.
+        if let Some(action) = action_of(msg.headers.as_ref(), &msg.payload) {
+            lines.clear();
+            rows.lines(row_for(action, msg.payload.clone()), &mut lines);
+            if !lines.is_empty() {
+                spill.push(seq, msg.subject.as_str(), &lines).await?;
+            }
+        }
         if pending == 0 || seq == to {
             break;
         }
@@ -409,31 +433,37 @@ async fn read_window(
     Ok((spill, repeats))
 }
 
-/// One version as the spill file keeps it.
+/// One version as the spill file keeps it: its lines, encoded.
 struct Spilled {
     seq: u64,
     subject: String,
-    action: Option<Action>,
-    payload: Bytes,
+    lines: Vec<Bytes>,
 }
 
 mod spill {
     //! The spill file of an incremental export: one record per version,
-    //! `seq u64 | subject length u16 | subject | action u8 | payload
-    //! length u32 | payload`, little-endian. An unnamed temporary file
-    //! (in `TMPDIR`): it disappears when closed, also after a crash.
+    //! `seq u64 | subject length u16 | lines u32 | line bytes u32 |
+    //! subject | end of each line u32 ... | lines`, little-endian. An
+    //! unnamed temporary file (in `TMPDIR`): it disappears when closed,
+    //! also after a crash.
 
     use std::io::Read;
 
     use bytes::BytesMut;
     use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
-    use super::{Action, ReplayError, Spilled};
+    use super::{Lines, ReplayError, Spilled};
 
     const BUFFER: usize = 1 << 20;
+    /// Bytes of a record before its subject.
+    const HEAD: usize = 8 + 2 + 4 + 4;
 
     fn io(e: std::io::Error) -> ReplayError {
         ReplayError::Spill(e.to_string())
+    }
+
+    fn too_large() -> ReplayError {
+        ReplayError::Spill("a version's lines are too large to spill".into())
     }
 
     pub struct Writer {
@@ -457,24 +487,29 @@ mod spill {
             &mut self,
             seq: u64,
             subject: &str,
-            action: Option<Action>,
-            payload: &[u8],
+            lines: &Lines,
         ) -> Result<(), ReplayError> {
             let subject_len = u16::try_from(subject.len())
                 .map_err(|_| ReplayError::Spill("a subject is too long".into()))?;
-            let payload_len = u32::try_from(payload.len())
-                .map_err(|_| ReplayError::Spill("a message is too large".into()))?;
+            let count = u32::try_from(lines.len()).map_err(|_| too_large())?;
+            let mut total = 0u32;
             self.buf.extend_from_slice(&seq.to_le_bytes());
             self.buf.extend_from_slice(&subject_len.to_le_bytes());
+            self.buf.extend_from_slice(&count.to_le_bytes());
+            let total_at = self.buf.len();
+            self.buf.extend_from_slice(&total.to_le_bytes());
             self.buf.extend_from_slice(subject.as_bytes());
-            // 0: unknown, else 1 + its place in `Action::ALL`.
-            self.buf.push(
-                action
-                    .and_then(|a| Action::ALL.iter().position(|x| *x == a))
-                    .map_or(0, |i| i as u8 + 1),
-            );
-            self.buf.extend_from_slice(&payload_len.to_le_bytes());
-            self.buf.extend_from_slice(payload);
+            for line in lines.iter() {
+                total = u32::try_from(line.len())
+                    .ok()
+                    .and_then(|n| total.checked_add(n))
+                    .ok_or_else(too_large)?;
+                self.buf.extend_from_slice(&total.to_le_bytes());
+            }
+            self.buf[total_at..total_at + 4].copy_from_slice(&total.to_le_bytes());
+            for line in lines.iter() {
+                self.buf.extend_from_slice(line);
+            }
             if self.buf.len() >= BUFFER {
                 self.file.write_all(&self.buf).await.map_err(io)?;
                 self.buf.clear();
@@ -499,6 +534,10 @@ mod spill {
         file: Option<std::fs::File>,
         buf: BytesMut,
         eof: bool,
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> usize {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize
     }
 
     impl Reader {
@@ -530,7 +569,7 @@ mod spill {
         }
 
         pub async fn next(&mut self) -> Result<Option<Spilled>, ReplayError> {
-            if !self.fill(10).await? {
+            if !self.fill(HEAD).await? {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
@@ -538,34 +577,33 @@ mod spill {
                 };
             }
             let subject_len = u16::from_le_bytes([self.buf[8], self.buf[9]]) as usize;
-            let head = 10 + subject_len + 1 + 4;
-            if !self.fill(head).await? {
+            let count = u32_at(&self.buf, 10);
+            let total = u32_at(&self.buf, 14);
+            let ends_at = HEAD + subject_len;
+            let body_at = ends_at + 4 * count;
+            if !self.fill(body_at + total).await? {
                 return Err(Self::damaged());
             }
-            let p = 10 + subject_len + 1;
-            let payload_len = u32::from_le_bytes([
-                self.buf[p],
-                self.buf[p + 1],
-                self.buf[p + 2],
-                self.buf[p + 3],
-            ]) as usize;
-            if !self.fill(head + payload_len).await? {
-                return Err(Self::damaged());
-            }
-            let record = self.buf.split_to(head + payload_len).freeze();
+            let record = self.buf.split_to(body_at + total).freeze();
             let mut seq = [0u8; 8];
             seq.copy_from_slice(&record[..8]);
-            let subject = std::str::from_utf8(&record[10..10 + subject_len])
+            let subject = std::str::from_utf8(&record[HEAD..ends_at])
                 .map_err(|_| Self::damaged())?
                 .to_owned();
-            let action = (record[10 + subject_len] as usize)
-                .checked_sub(1)
-                .and_then(|i| Action::ALL.get(i).copied());
+            let mut lines = Vec::with_capacity(count);
+            let mut start = 0;
+            for i in 0..count {
+                let end = u32_at(&record, ends_at + 4 * i);
+                if end < start || end > total {
+                    return Err(Self::damaged());
+                }
+                lines.push(record.slice(body_at + start..body_at + end));
+                start = end;
+            }
             Ok(Some(Spilled {
                 seq: u64::from_le_bytes(seq),
                 subject,
-                action,
-                payload: record.slice(head..),
+                lines,
             }))
         }
     }

@@ -38,14 +38,14 @@ use meterline_shared::envelope::{EntityEvent, HEADER_EVENT_NAME};
 use meterline_shared::exportjob::{
     ExportFile, ExportJobRecord, ExportJobRequest, JobStatus, ADHOC,
 };
-use meterline_shared::registry::{self, EntityType};
 use meterline_shared::seal::{self, Sealer};
-use meterline_shared::{schema, subjects, ErrorCode, ServiceError};
+use meterline_shared::{subjects, ErrorCode, ServiceError};
 
 use crate::destination::{self, DeliveryError, Destination, PartitionOrder, Upload, S3};
-use crate::format::{Encoder, Format, Row};
+use crate::format::{Encoder, Format};
 use crate::jobs::{Cursor, Jobs};
 use crate::replay::{self, ReplayError, Window};
+use crate::rows::{export_types, ExportKind, RowFormat};
 
 pub const SUCCESS_EVENT: &str = "dataexport.job.success";
 pub const FAILURE_EVENT: &str = "dataexport.job.failure";
@@ -118,86 +118,6 @@ pub enum Outcome {
     Retry(Duration),
 }
 
-/// One kind of file a job writes: an `operationalDataTypes` value.
-#[derive(Debug, Clone, Copy)]
-pub struct ExportKind {
-    /// The `operationalDataTypes` value, e.g. `ACCOUNTS`.
-    pub export_type: &'static str,
-    /// The `type=` of keys and file names, e.g. `account`.
-    pub token: &'static str,
-    /// The entity type whose history is replayed.
-    pub source: &'static EntityType,
-    /// `PRICING_BANDS`: bands live inside pricings; one row per band.
-    pub bands: bool,
-}
-
-/// The `operationalDataTypes` value of pricing bands, which have no
-/// collection of their own.
-pub const PRICING_BANDS: &str = "PRICING_BANDS";
-
-impl ExportKind {
-    fn of(export_type: &str) -> Option<ExportKind> {
-        if export_type == PRICING_BANDS {
-            return Some(ExportKind {
-                export_type: PRICING_BANDS,
-                token: "pricingband",
-                source: registry::get("pricing")?,
-                bands: true,
-            });
-        }
-        let ty = registry::by_export_type(export_type)?;
-        Some(ExportKind {
-            export_type: ty.export_type?,
-            token: ty.name,
-            source: ty,
-            bands: false,
-        })
-    }
-
-    /// The columns of this kind's CSV files (before `deleted`).
-    pub fn columns(&self) -> Vec<String> {
-        if self.bands {
-            let mut cols: Vec<String> = schema::columns("PricingBand")
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            cols.extend(["pricingId".to_owned(), "bandType".to_owned()]);
-            return cols;
-        }
-        columns(self.source)
-    }
-
-    /// The rows a version of the source entity stands for.
-    fn expand(&self, mut row: Row) -> Vec<Row> {
-        if !self.bands {
-            return vec![row];
-        }
-        let deleted = row.deleted;
-        let state = row.map();
-        let pricing = state.get("id").cloned().unwrap_or(Value::Null);
-        let mut out = Vec::new();
-        for (field, kind) in [
-            ("pricingBands", "PRICING"),
-            ("overagePricingBands", "OVERAGE"),
-        ] {
-            for band in state
-                .get(field)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let Some(mut state) = band.as_object().cloned() else {
-                    continue;
-                };
-                state.insert("pricingId".into(), pricing.clone());
-                state.insert("bandType".into(), Value::String(kind.into()));
-                out.push(Row::parsed(state, deleted));
-            }
-        }
-        out
-    }
-}
-
 /// What one job exports, resolved from its schedule or ad-hoc request.
 struct Spec {
     types: Vec<ExportKind>,
@@ -231,48 +151,6 @@ struct Inner {
 
 fn now() -> DateTime<Utc> {
     Utc::now()
-}
-
-/// The operational data type names a request gives, checked.
-pub fn export_types(value: Option<&Value>) -> Result<Vec<ExportKind>, String> {
-    let list = value
-        .and_then(Value::as_array)
-        .filter(|a| !a.is_empty())
-        .ok_or("operationalDataTypes must list at least one entity type")?;
-    let mut out: Vec<ExportKind> = Vec::new();
-    for v in list {
-        let name = v.as_str().unwrap_or_default();
-        let kind = ExportKind::of(name).ok_or_else(|| {
-            let mut known: Vec<&str> = registry::REGISTRY
-                .iter()
-                .filter_map(|t| t.export_type)
-                .collect();
-            known.push(PRICING_BANDS);
-            format!(
-                "entity type {v} cannot be exported; operationalDataTypes may hold {}",
-                known.join(", ")
-            )
-        })?;
-        if !out.iter().any(|t| t.export_type == kind.export_type) {
-            out.push(kind);
-        }
-    }
-    Ok(out)
-}
-
-/// Columns of a type's files: its response schema's properties, then its
-/// parent's id if the schema lacks it.
-pub fn columns(ty: &EntityType) -> Vec<String> {
-    let mut cols: Vec<String> = schema::columns(ty.response)
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    if let Some(p) = ty.parent {
-        if !cols.iter().any(|c| c == p.field) {
-            cols.push(p.field.to_owned());
-        }
-    }
-    cols
 }
 
 /// The key of part `part` (from 1) of a type's file.
@@ -908,18 +786,20 @@ impl Runner {
         cancel: &CancellationToken,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
-        let (tx, mut rx) = mpsc::channel::<Vec<Row>>(16);
+        let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(16);
         let stream = self.inner.entities.clone();
         let (org, name) = (req.org_id.clone(), ty.source.name);
         let stop = cancel.child_token();
+        let rows = RowFormat::new(*ty, spec.format, spec.since);
+        let columns = rows.columns().to_vec();
         let mut reader = {
             let stop = stop.clone();
-            tokio::spawn(
-                async move { replay::replay(&stream, &org, name, window, &tx, &stop).await },
-            )
+            tokio::spawn(async move {
+                replay::replay(&stream, &org, name, window, &rows, &tx, &stop).await
+            })
         };
         let written = self
-            .write_parts(req, spec, ty, &mut rx, &mut reader, progress)
+            .write_parts(req, spec, ty, &columns, &mut rx, &mut reader, progress)
             .await;
         drop(rx);
         if written.is_err() {
@@ -929,17 +809,19 @@ impl Runner {
         written
     }
 
+    /// Joins the replay's lines into the type's file, split into parts.
+    #[allow(clippy::too_many_arguments)]
     async fn write_parts(
         &self,
         req: &ExportJobRequest,
         spec: &Spec,
         ty: &ExportKind,
-        rows: &mut mpsc::Receiver<Vec<Row>>,
+        columns: &[String],
+        lines: &mut mpsc::Receiver<Vec<Bytes>>,
         reader: &mut tokio::task::JoinHandle<Result<u64, ReplayError>>,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
         let settings = &self.inner.settings;
-        let cols = ty.columns();
         let type_token = ty.token;
         let ext = spec.format.extension(settings.gzip);
         let content_type = spec.format.content_type(settings.gzip);
@@ -950,44 +832,26 @@ impl Runner {
         };
         let mut part = 1u32;
         let mut file = PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
-        let mut enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
-        let secrets = ty.source.secrets;
-        while let Some(batch) = rows.recv().await {
-            for mut source_row in batch {
-                if let Some(since) = spec.since {
-                    if !modified_since(&mut source_row, since) {
-                        continue;
-                    }
+        let mut enc = Encoder::new(spec.format, columns, settings.gzip);
+        while let Some(batch) = lines.recv().await {
+            for line in batch {
+                if enc.rows() > 0 && enc.size() + line.len() as u64 > settings.split_bytes {
+                    let last = enc.finish();
+                    file.write(Bytes::from(last)).await?;
+                    let rows_in_part = file.rows;
+                    out.push(file.finish(ty, rows_in_part).await?);
+                    part += 1;
+                    file =
+                        PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
+                    enc = Encoder::new(spec.format, columns, settings.gzip);
                 }
-                if !secrets.is_empty() {
-                    let state = source_row.map();
-                    let mut v = Value::Object(std::mem::take(state));
-                    seal::mask_fields(secrets, &mut v);
-                    if let Value::Object(m) = v {
-                        *state = m;
-                    }
+                enc.push_line(&line);
+                file.rows += 1;
+                if let Some(chunk) = enc.take(CHUNK_BYTES) {
+                    progress.add(0, chunk.len() as u64);
+                    file.write(Bytes::from(chunk)).await?;
                 }
-                for row in ty.expand(source_row) {
-                    let n = enc.encode(&row) as u64;
-                    if enc.rows() > 0 && enc.size() + n > settings.split_bytes {
-                        let last = enc.finish();
-                        file.write(Bytes::from(last)).await?;
-                        let rows_in_part = file.rows;
-                        out.push(file.finish(ty, rows_in_part).await?);
-                        part += 1;
-                        file = PartWriter::begin(spec, req, type_token, part, ext, content_type)
-                            .await?;
-                        enc = Encoder::new(spec.format, cols.clone(), settings.gzip);
-                        enc.encode(&row);
-                    }
-                    enc.push_encoded();
-                    file.rows += 1;
-                    if let Some(chunk) = enc.take(CHUNK_BYTES) {
-                        progress.add(0, chunk.len() as u64);
-                        file.write(Bytes::from(chunk)).await?;
-                    }
-                    progress.add(1, 0);
-                }
+                progress.add(1, 0);
             }
             progress.maybe_save().await;
         }
@@ -1023,15 +887,6 @@ impl Delivered {
         self.rows += rows;
         self.bytes += bytes;
     }
-}
-
-fn modified_since(row: &mut Row, since: DateTime<Utc>) -> bool {
-    let state = row.map();
-    ["dtLastModified", "dtCreated"]
-        .iter()
-        .filter_map(|f| state.get(*f).and_then(Value::as_str))
-        .filter_map(|s| DateTime::parse_from_rfc3339(s).ok())
-        .any(|t| t.with_timezone(&Utc) >= since)
 }
 
 fn manifest_uri(dest: &dyn Destination, org: &str, job: &str) -> String {
@@ -1228,51 +1083,5 @@ mod tests {
             manifest_key("p", "o1", "j1"),
             "p/orgId=o1/_manifests/j1.json"
         );
-    }
-
-    #[test]
-    fn export_types_are_checked_against_the_registry() {
-        let ok = export_types(Some(&json!([
-            "ACCOUNTS",
-            "BILLS",
-            "ACCOUNTS",
-            "PRICING_BANDS"
-        ])))
-        .unwrap();
-        assert_eq!(
-            ok.iter().map(|t| t.token).collect::<Vec<_>>(),
-            ["account", "bill", "pricingband"]
-        );
-        let err = export_types(Some(&json!(["WIDGETS"]))).unwrap_err();
-        assert!(err.contains("WIDGETS") && err.contains("ACCOUNTS"), "{err}");
-        assert!(export_types(Some(&json!([]))).is_err());
-        assert!(export_types(None).is_err());
-    }
-
-    #[test]
-    fn pricing_bands_are_one_row_per_band_with_their_pricing() {
-        let kind = ExportKind::of(PRICING_BANDS).unwrap();
-        assert_eq!(kind.source.name, "pricing");
-        let state = json!({"id": "p1",
-            "pricingBands": [{"id": "b1", "lowerLimit": 0, "fixedPrice": 0, "unitPrice": 1.5},
-                             {"id": "b2", "lowerLimit": 100, "fixedPrice": 0, "unitPrice": 1}],
-            "overagePricingBands": [{"id": "b3", "lowerLimit": 0, "fixedPrice": 5, "unitPrice": 2}]});
-        let mut rows = kind.expand(Row::parsed(state.as_object().unwrap().clone(), true));
-        assert_eq!(rows.len(), 3);
-        assert!(rows
-            .iter_mut()
-            .all(|r| r.deleted && r.map()["pricingId"] == "p1"));
-        assert_eq!(rows[2].map()["bandType"], "OVERAGE");
-        let cols = kind.columns();
-        assert_eq!(&cols[..2], ["id", "lowerLimit"]);
-        assert!(cols.ends_with(&["pricingId".to_owned(), "bandType".to_owned()]));
-    }
-
-    #[test]
-    fn child_types_carry_their_parent_id_column() {
-        let cols = columns(registry::get("balancetransaction").unwrap());
-        assert!(cols.iter().any(|c| c == "balanceId"), "{cols:?}");
-        let cols = columns(registry::get("account").unwrap());
-        assert_eq!(cols.first().map(String::as_str), Some("id"));
     }
 }
