@@ -427,6 +427,17 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
             raw.0 as f64 / raw.1.as_secs_f64()
         );
         probe(&entities, Some(from - 1), last).await?;
+        // Would two consumers, each on half the window, read it faster?
+        let mid = from + (last - from) / 2;
+        let t = Instant::now();
+        let (a, b) = tokio::try_join!(
+            raw_replay(&entities, &filter, from, mid),
+            raw_replay(&entities, &filter, mid + 1, last)
+        )?;
+        println!(
+            "probe: raw in two halves at once {:.0} rows/s",
+            (a.0 + b.0) as f64 / t.elapsed().as_secs_f64()
+        );
     }
     let (local, t_local, m_local) = export(&js, &jobs, "local").await?;
     let raw = faster(raw, raw_replay(&entities, &filter, from, last).await?);

@@ -11,11 +11,12 @@
 //!   memory do not depend on history. An entity changed after `S` (its last
 //!   message is newer) is exported as it was at `S`: the `old` state of its
 //!   first version after `S`.
-//! - Incremental export: an ordered consumer replays the window once,
-//!   filtered to the type; each version is encoded into its lines as it is
-//!   read, and those go into a spill file on local disk, while the
+//! - Incremental export: ordered consumers replay the window once,
+//!   filtered to the type (a large window in two parts at once, each into
+//!   its own spill file); each version is encoded into its lines as it is
+//!   read, and those go into the spill file on local disk, while the
 //!   window's subjects go into two fixed-size Bloom filters. Then the spill
-//!   file is read back in order: a version's lines are sent on only if it
+//!   files are read back in order: a version's lines are sent on only if it
 //!   is its entity's last version up to `S`. Only entities that may occur more than
 //!   once in the window are checked, with one direct get (`next_by_subj`
 //!   after it) each, many at a time. Nothing is kept per entity in memory:
@@ -310,24 +311,14 @@ async fn incremental(
         return Ok(());
     }
     let filter = subjects::entity_type_filter(org, entity_type);
-    // Nothing of this type in the window: no consumer needed.
-    match stream
-        .direct_get_next_for_subject(filter.clone(), Some(from + 1))
-        .await
-    {
-        Ok(m) if m.sequence <= to => {}
-        Ok(_) => return Ok(()),
-        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
-        Err(e) => return Err(bus(e)),
-    }
     let reading = std::time::Instant::now();
-    let (spill, repeats) = read_window(stream, &filter, from, to, out.rows, cancel).await?;
+    let (spills, repeats) = read_window(stream, &filter, from, to, out.rows, cancel).await?;
     tracing::debug!(
         filter,
         seconds = reading.elapsed().as_secs_f64(),
         "window read into the spill file"
     );
-    let mut versions = spill.read().await?;
+    let mut versions = spill::Versions::new(spills);
     let mut checks = futures::stream::FuturesOrdered::new();
     let mut waiting: VecDeque<Spilled> = VecDeque::new();
     let mut done = false;
@@ -371,13 +362,20 @@ async fn incremental(
     Ok(())
 }
 
+/// Windows of at least this many sequences are read in [`SEGMENTS`] parts.
+const SEGMENT_MIN: u64 = 1_000;
+/// How many consumers read a large window at once, each its own part of
+/// the sequences: one consumer leaves the server's second core idle (two
+/// read a window about 1.4 times as fast as one on two cores).
+const SEGMENTS: u64 = 2;
+
 /// Reads the window once, filtered to the type, encodes each version into
-/// its lines, and writes those into a spill file on local disk, and the
-/// subjects into a [`Repeats`]. Whether a version is its entity's last in
-/// the window is only known once the whole window has been read; the spill
-/// file lets the second look be a local read of finished lines instead of
-/// a second replay from the bus. Its size is about the window's, on disk;
-/// memory stays constant.
+/// its lines, and writes those into spill files on local disk (one per
+/// segment of the window, in order), and the subjects into a [`Repeats`].
+/// Whether a version is its entity's last in the window is only known once
+/// the whole window has been read; the spill files let the second look be
+/// a local read of finished lines instead of a second replay from the bus.
+/// Their size is about the window's, on disk; memory stays constant.
 async fn read_window(
     stream: &Stream,
     filter: &str,
@@ -385,7 +383,53 @@ async fn read_window(
     to: u64,
     rows: &RowFormat,
     cancel: &CancellationToken,
-) -> Result<(spill::Writer, Repeats), ReplayError> {
+) -> Result<(Vec<spill::Writer>, Repeats), ReplayError> {
+    let segments = if to - from >= SEGMENT_MIN {
+        SEGMENTS
+    } else {
+        1
+    };
+    let step = (to - from).div_ceil(segments);
+    let reads = (0..segments)
+        .map(|i| (from + i * step, (from + (i + 1) * step).min(to)))
+        .filter(|(a, b)| a < b)
+        .map(|(a, b)| read_segment(stream, filter, a, b, rows, cancel));
+    let mut spills = Vec::new();
+    let mut repeats: Option<Repeats> = None;
+    for (spill, seen) in futures::future::try_join_all(reads)
+        .await?
+        .into_iter()
+        .flatten()
+    {
+        spills.push(spill);
+        repeats = Some(match repeats {
+            None => seen,
+            Some(r) => r.union(seen),
+        });
+    }
+    Ok((spills, repeats.unwrap_or_else(Repeats::new)))
+}
+
+/// Reads the part `(from, to]` of a window (see [`read_window`]); `None`
+/// if it holds nothing of the type.
+async fn read_segment(
+    stream: &Stream,
+    filter: &str,
+    from: u64,
+    to: u64,
+    rows: &RowFormat,
+    cancel: &CancellationToken,
+) -> Result<Option<(spill::Writer, Repeats)>, ReplayError> {
+    // Nothing of this type here: no consumer (it would wait for one).
+    match stream
+        .direct_get_next_for_subject(filter, Some(from + 1))
+        .await
+    {
+        Ok(m) if m.sequence <= to => {}
+        Ok(_) => return Ok(None),
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
+        Err(e) => return Err(bus(e)),
+    }
     let mut lines = Lines::default();
     let mut repeats = Repeats::new();
     let mut spill = spill::Writer::new().await?;
@@ -430,7 +474,7 @@ async fn read_window(
             break;
         }
     }
-    Ok((spill, repeats))
+    Ok(Some((spill, repeats)))
 }
 
 /// One version as the spill file keeps it: its lines, encoded.
@@ -534,6 +578,35 @@ mod spill {
         file: Option<std::fs::File>,
         buf: BytesMut,
         eof: bool,
+    }
+
+    /// The versions of several spill files, one file after the other.
+    pub struct Versions {
+        files: std::vec::IntoIter<Writer>,
+        current: Option<Reader>,
+    }
+
+    impl Versions {
+        pub fn new(files: Vec<Writer>) -> Versions {
+            Versions {
+                files: files.into_iter(),
+                current: None,
+            }
+        }
+
+        pub async fn next(&mut self) -> Result<Option<Spilled>, ReplayError> {
+            loop {
+                if let Some(reader) = &mut self.current {
+                    if let Some(v) = reader.next().await? {
+                        return Ok(Some(v));
+                    }
+                }
+                match self.files.next() {
+                    Some(w) => self.current = Some(w.read().await?),
+                    None => return Ok(None),
+                }
+            }
+        }
     }
 
     fn u32_at(b: &[u8], at: usize) -> usize {
@@ -656,6 +729,16 @@ impl Repeats {
         }
     }
 
+    /// The repeats of two parts of a window: a subject is repeated if it
+    /// is in either, or seen in both.
+    fn union(mut self, other: Repeats) -> Repeats {
+        for i in 0..self.seen.len() {
+            self.again[i] |= other.again[i] | (self.seen[i] & other.seen[i]);
+            self.seen[i] |= other.seen[i];
+        }
+        self
+    }
+
     fn maybe_repeated(&self, subject: &str) -> bool {
         Self::contains(&self.again, &Self::bits(subject))
     }
@@ -684,6 +767,20 @@ mod tests {
             .filter(|i| i % 7 != 0 && r.maybe_repeated(&format!("ent.o.account.{i}")))
             .count();
         assert!(false_positives < 10, "{false_positives} false positives");
+    }
+
+    #[test]
+    fn the_union_of_two_parts_knows_subjects_seen_once_in_each() {
+        let (mut a, mut b) = (Repeats::new(), Repeats::new());
+        a.insert("ent.o.account.both");
+        b.insert("ent.o.account.both");
+        a.insert("ent.o.account.twice");
+        a.insert("ent.o.account.twice");
+        a.insert("ent.o.account.once");
+        let u = a.union(b);
+        assert!(u.maybe_repeated("ent.o.account.both"));
+        assert!(u.maybe_repeated("ent.o.account.twice"));
+        assert!(!u.maybe_repeated("ent.o.account.once"));
     }
 
     #[test]

@@ -301,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_are_filtered_masked_and_expanded() {
+    fn lines_are_filtered_by_start_date_and_expanded() {
         let kind = ExportKind::of(PRICING_BANDS).unwrap();
         let state = json!({"id": "p1", "dtLastModified": "2026-06-01T10:00:00Z",
             "pricingBands": [{"id": "b1", "lowerLimit": 0}, {"id": "b2", "lowerLimit": 100}]});

@@ -643,8 +643,12 @@ impl Runner {
                 "export cursor advanced"
             );
         }
-        self.announce(req, &spec, &rec).await?;
-        self.event(org, SUCCESS_EVENT, &rec, None).await?;
+        // Two streams, no order between them: both at once.
+        tokio::try_join!(self.announce(req, &spec, &rec), async {
+            self.event(org, SUCCESS_EVENT, &rec, None)
+                .await
+                .map_err(JobError::from)
+        })?;
         tracing::debug!(org, job, "export job announced");
         let done = self
             .inner
