@@ -7,13 +7,17 @@
 //! export to the local download store (`export_files`) and one to an S3
 //! server (`s3s-fs`, real HTTP), then `BENCH_EXPORT_CHANGES` updates
 //! (default 100,000) and the incremental export of that window to each.
-//! Each figure is the job's rows over its wall time (from the request's
-//! publish to its record becoming `SUCCEEDED`), beside a raw ordered
-//! consumer reading the same messages (the whole type for the initial
-//! export, the window for the incremental one) with nothing done to them:
-//! the faster of one replay just before the job and one just after.
-//! Peak memory is the process's peak resident set during each export, over
-//! what it held before (Linux `VmHWM`, reset before each job).
+//! Each export runs `BENCH_EXPORT_RUNS` times (default 3; one schedule per
+//! run, so each covers the same window from its own cursor). A figure is
+//! the fastest run's rows over its wall time (from the request's publish
+//! to its record becoming `SUCCEEDED`), beside the fastest of raw ordered
+//! consumers reading the same messages (the whole type for the initial
+//! export, the window for the incremental one) with nothing done to them,
+//! one before the first run and one after each: on a shared machine any
+//! single run can be slowed by anything, and both sides get the same
+//! chances. Peak memory is the largest over the runs of the process's peak
+//! resident set during the export, over what it held before (Linux
+//! `VmHWM`, reset before each job).
 //!
 //! To see where an export's time goes: `BENCH_EXPORT_PROBE=1` also times
 //! the exporter's replay into lines (no delivery), and
@@ -166,10 +170,8 @@ async fn probe(
     Ok(())
 }
 
-/// The faster of two raw replays of the same messages, one before and one
-/// after the export measured beside them: on a shared machine a single
-/// replay can be slowed by anything, and the faster one is the stricter
-/// comparison.
+/// The faster of two raw replays of the same messages (the faster one is
+/// the stricter comparison).
 fn faster(a: (u64, Duration), b: (u64, Duration)) -> (u64, Duration) {
     let rate = |r: (u64, Duration)| r.0 as f64 / r.1.as_secs_f64().max(1e-9);
     if rate(b) > rate(a) {
@@ -271,9 +273,45 @@ fn rows(
     ]
 }
 
+/// Best of several runs: the exports of `schedules` one after the other,
+/// a raw replay of `[start, to]` before the first and after each; the
+/// fastest export against the fastest raw replay, and the largest peak
+/// memory of any run.
+#[allow(clippy::too_many_arguments)]
+async fn best_of(
+    js: &jetstream::Context,
+    jobs: &jetstream::kv::Store,
+    entities: &jetstream::stream::Stream,
+    filter: &str,
+    (start, to): (u64, u64),
+    schedules: &[String],
+    name: &str,
+    expect_rows: u64,
+) -> anyhow::Result<(Vec<Row>, ExportJobRecord)> {
+    let mut raw = raw_replay(entities, filter, start, to).await?;
+    let mut best: Option<(ExportJobRecord, Duration)> = None;
+    let mut peak = 0f64;
+    for schedule in schedules {
+        let (rec, elapsed, m) = export(js, jobs, schedule).await?;
+        anyhow::ensure!(
+            rec.rows == expect_rows,
+            "{name} ({schedule}) holds {} rows, not {expect_rows}",
+            rec.rows
+        );
+        raw = faster(raw, raw_replay(entities, filter, start, to).await?);
+        peak = peak.max(m);
+        if best.as_ref().is_none_or(|(_, t)| elapsed < *t) {
+            best = Some((rec, elapsed));
+        }
+    }
+    let (rec, elapsed) = best.ok_or_else(|| anyhow::anyhow!("no runs"))?;
+    Ok((rows(name, &rec, elapsed, raw, peak), rec))
+}
+
 pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let n = env_usize("BENCH_EXPORT_ENTITIES", 1_000_000);
     let changes = env_usize("BENCH_EXPORT_CHANGES", 100_000).min(n);
+    let runs = env_usize("BENCH_EXPORT_RUNS", 3).max(1);
     let client = nats.client().await;
     // A long ack timeout: the bulk writes below keep many publishes in
     // flight on a machine that flushes every write to disk.
@@ -308,34 +346,36 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
             "scheduleType": "HOUR", "period": 1,
         })
     };
-    write(
-        &js,
-        [
-            event(
-                "exportdestination",
-                "bench-s3",
-                Action::Created,
-                Some(dest),
-                None,
-            ),
-            event(
-                "exportschedule",
-                "local",
-                Action::Created,
-                Some(schedule("local", vec![])),
-                None,
-            ),
-            event(
-                "exportschedule",
-                "s3",
-                Action::Created,
-                Some(schedule("s3", vec!["bench-s3"])),
-                None,
-            ),
-        ]
-        .into_iter(),
-    )
-    .await?;
+    // One schedule per run and destination, so every run of an export
+    // covers the same window from its own cursor.
+    let local: Vec<String> = (1..=runs).map(|i| format!("local-{i}")).collect();
+    let remote: Vec<String> = (1..=runs).map(|i| format!("s3-{i}")).collect();
+    let mut config = vec![event(
+        "exportdestination",
+        "bench-s3",
+        Action::Created,
+        Some(dest),
+        None,
+    )];
+    for id in &local {
+        config.push(event(
+            "exportschedule",
+            id,
+            Action::Created,
+            Some(schedule(id, vec![])),
+            None,
+        ));
+    }
+    for id in &remote {
+        config.push(event(
+            "exportschedule",
+            id,
+            Action::Created,
+            Some(schedule(id, vec!["bench-s3"])),
+            None,
+        ));
+    }
+    write(&js, config.into_iter()).await?;
 
     let t = Instant::now();
     write(
@@ -367,34 +407,35 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let mut out = Vec::new();
 
     // Initial exports: every account.
-    let raw = raw_replay(&entities, &filter, 1, u64::MAX).await?;
     if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
         let last = entities.get_info().await?.state.last_sequence;
         probe(&entities, None, last).await?;
     }
-    let (local, t_local, m_local) = export(&js, &jobs, "local").await?;
-    let raw = faster(raw, raw_replay(&entities, &filter, 1, u64::MAX).await?);
-    out.extend(rows(
-        "initial export to local files",
+    let whole = (1, u64::MAX);
+    let (figures, first) = best_of(
+        &js,
+        &jobs,
+        &entities,
+        &filter,
+        whole,
         &local,
-        t_local,
-        raw,
-        m_local,
-    ));
-    let raw = raw_replay(&entities, &filter, 1, u64::MAX).await?;
-    let (remote, t_remote, m_remote) = export(&js, &jobs, "s3").await?;
-    let raw = faster(raw, raw_replay(&entities, &filter, 1, u64::MAX).await?);
-    out.extend(rows(
-        "initial export to S3",
+        "initial export to local files",
+        n as u64,
+    )
+    .await?;
+    out.extend(figures);
+    let (figures, _) = best_of(
+        &js,
+        &jobs,
+        &entities,
+        &filter,
+        whole,
         &remote,
-        t_remote,
-        raw,
-        m_remote,
-    ));
-    anyhow::ensure!(
-        local.rows == n as u64 && remote.rows == n as u64,
-        "initial exports miss rows"
-    );
+        "initial export to S3",
+        n as u64,
+    )
+    .await?;
+    out.extend(figures);
 
     // A window of changes: updates of distinct accounts, spread over all.
     let step = (n / changes.max(1)).max(1);
@@ -418,10 +459,10 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         "exports: {changes} updates written in {:.1}s",
         t.elapsed().as_secs_f64()
     );
-    let from = local.to_sequence.unwrap_or(0) + 1;
+    let from = first.to_sequence.unwrap_or(0) + 1;
     let last = entities.get_info().await?.state.last_sequence;
-    let raw = raw_replay(&entities, &filter, from, last).await?;
     if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
+        let raw = raw_replay(&entities, &filter, from, last).await?;
         println!(
             "probe: raw {:.0} rows/s",
             raw.0 as f64 / raw.1.as_secs_f64()
@@ -439,31 +480,24 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
             (a.0 + b.0) as f64 / t.elapsed().as_secs_f64()
         );
     }
-    let (local, t_local, m_local) = export(&js, &jobs, "local").await?;
-    let raw = faster(raw, raw_replay(&entities, &filter, from, last).await?);
-    out.extend(rows(
-        "incremental export to local files",
-        &local,
-        t_local,
-        raw,
-        m_local,
-    ));
-    let raw = raw_replay(&entities, &filter, from, last).await?;
-    let (remote, t_remote, m_remote) = export(&js, &jobs, "s3").await?;
-    let raw = faster(raw, raw_replay(&entities, &filter, from, last).await?);
-    out.extend(rows(
-        "incremental export to S3",
-        &remote,
-        t_remote,
-        raw,
-        m_remote,
-    ));
-    anyhow::ensure!(
-        local.rows == changes as u64 && remote.rows == changes as u64,
-        "incremental exports hold {} and {} rows, not {changes}",
-        local.rows,
-        remote.rows
-    );
+    let window = (from, last);
+    for (schedules, name) in [
+        (&local, "incremental export to local files"),
+        (&remote, "incremental export to S3"),
+    ] {
+        let (figures, _) = best_of(
+            &js,
+            &jobs,
+            &entities,
+            &filter,
+            window,
+            schedules,
+            name,
+            changes as u64,
+        )
+        .await?;
+        out.extend(figures);
+    }
     exporter.stop().await;
     Ok(out)
 }
