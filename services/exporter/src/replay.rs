@@ -366,7 +366,7 @@ async fn incremental(
 const SEGMENT_MIN: u64 = 1_000;
 /// How many consumers read a large window at once, each its own part of
 /// the sequences: one consumer leaves the server's second core idle (two
-/// read a window about 1.4 times as fast as one on two cores).
+/// read a window about 1.3 times as fast as one on two cores).
 const SEGMENTS: u64 = 2;
 
 /// Reads the window once, filtered to the type, encodes each version into
