@@ -66,18 +66,7 @@ fn event(
     new: Option<Value>,
     old: Option<Value>,
 ) -> EntityEvent {
-    EntityEvent {
-        id: uuid::Uuid::now_v7().to_string(),
-        event_name: format!("configuration.{ty}.{}", action.as_str()),
-        event_time: Utc::now(),
-        org_id: ORG.into(),
-        entity_type: ty.into(),
-        entity_id: id.into(),
-        action,
-        actor: "bench".into(),
-        new,
-        old,
-    }
+    EntityEvent::now(ORG, ty, id, action, "bench", new, old)
 }
 
 /// Appends events to `ENTITIES` with many publishes in flight.

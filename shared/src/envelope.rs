@@ -68,6 +68,35 @@ pub struct EntityEvent {
 }
 
 impl EntityEvent {
+    /// A change made now by `actor`: a fresh id, and the event name of the
+    /// type's category in the registry (`configuration` for types it does
+    /// not know).
+    pub fn now(
+        org: &str,
+        entity_type: &str,
+        entity_id: &str,
+        action: Action,
+        actor: &str,
+        new: Option<Value>,
+        old: Option<Value>,
+    ) -> EntityEvent {
+        EntityEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            event_name: crate::registry::get(entity_type).map_or_else(
+                || format!("configuration.{entity_type}.{}", action.as_str()),
+                |t| t.event_name(action),
+            ),
+            event_time: Utc::now(),
+            org_id: org.to_owned(),
+            entity_type: entity_type.to_owned(),
+            entity_id: entity_id.to_owned(),
+            action,
+            actor: actor.to_owned(),
+            new,
+            old,
+        }
+    }
+
     /// The entity's state as of this event: `new`, or for a tombstone `None`.
     pub fn current(&self) -> Option<&Value> {
         self.new.as_ref()

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -29,18 +28,7 @@ fn event(
     new: Option<Value>,
     old: Option<Value>,
 ) -> EntityEvent {
-    EntityEvent {
-        id: uuid::Uuid::now_v7().to_string(),
-        event_name: format!("configuration.{ty}.{}", action.as_str()),
-        event_time: Utc::now(),
-        org_id: ORG.into(),
-        entity_type: ty.into(),
-        entity_id: id.into(),
-        action,
-        actor: "test".into(),
-        new,
-        old,
-    }
+    EntityEvent::now(ORG, ty, id, action, "test", new, old)
 }
 
 /// Stores `events` in order, as the entities service does; returns their
@@ -68,6 +56,16 @@ fn account(i: usize, version: u64) -> Value {
            "code": format!("acct-{i}")})
 }
 
+/// A change of account `i` whose version is (or, deleted, was) `v`.
+fn change(i: usize, action: Action, v: u64) -> EntityEvent {
+    let (new, old) = match action {
+        Action::Created => (Some(account(i, v)), None),
+        Action::Updated => (Some(account(i, v)), Some(account(i, v - 1))),
+        Action::Deleted => (None, Some(account(i, v))),
+    };
+    event("account", &format!("acct-{i}"), action, new, old)
+}
+
 #[tokio::test]
 async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_version() {
     let nats = NatsServer::start();
@@ -80,13 +78,7 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
     let before: Vec<EntityEvent> = (0..200)
         .map(|i| {
             versions.insert(i, 1);
-            event(
-                "account",
-                &format!("acct-{i}"),
-                Action::Created,
-                Some(account(i, 1)),
-                None,
-            )
+            change(i, Action::Created, 1)
         })
         .collect();
     let from = *store(&js, &before).await.last().unwrap();
@@ -98,13 +90,7 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
     // Accounts with exactly one version in each half of the window.
     let halves = 1000..1100;
     for i in halves.clone() {
-        window.push(event(
-            "account",
-            &format!("acct-{i}"),
-            Action::Created,
-            Some(account(i, 1)),
-            None,
-        ));
+        window.push(change(i, Action::Created, 1));
     }
     let mut deleted = std::collections::HashSet::new();
     for k in 0..3000usize {
@@ -126,45 +112,21 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
         let ev = match versions.get(&i).copied() {
             None => {
                 versions.insert(i, 1);
-                event(
-                    "account",
-                    &format!("acct-{i}"),
-                    Action::Created,
-                    Some(account(i, 1)),
-                    None,
-                )
+                change(i, Action::Created, 1)
             }
             Some(v) if k % 97 == 0 => {
                 deleted.insert(i);
-                event(
-                    "account",
-                    &format!("acct-{i}"),
-                    Action::Deleted,
-                    None,
-                    Some(account(i, v)),
-                )
+                change(i, Action::Deleted, v)
             }
             Some(v) => {
                 versions.insert(i, v + 1);
-                event(
-                    "account",
-                    &format!("acct-{i}"),
-                    Action::Updated,
-                    Some(account(i, v + 1)),
-                    Some(account(i, v)),
-                )
+                change(i, Action::Updated, v + 1)
             }
         };
         window.push(ev);
     }
     for i in halves {
-        window.push(event(
-            "account",
-            &format!("acct-{i}"),
-            Action::Updated,
-            Some(account(i, 2)),
-            Some(account(i, 1)),
-        ));
+        window.push(change(i, Action::Updated, 2));
     }
     let seqs = store(&js, &window).await;
     let to = *seqs.last().unwrap();
@@ -172,17 +134,8 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
 
     // After S: changes the export must not see.
     let after: Vec<EntityEvent> = (0..20)
-        .map(|i| {
-            let v = versions[&i];
-            event(
-                "account",
-                &format!("acct-{i}"),
-                Action::Updated,
-                Some(account(i, v + 100)),
-                None,
-            )
-        })
-        .filter(|e| !deleted.contains(&e.entity_id[5..].parse::<usize>().unwrap()))
+        .filter(|i| !deleted.contains(i))
+        .map(|i| change(i, Action::Updated, versions[&i] + 100))
         .collect();
     store(&js, &after).await;
 
