@@ -26,10 +26,10 @@
 //!
 //! Either way the writer gets finished lines ([`RowFormat`]), in batches.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::{Message, StreamMessage};
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -60,6 +60,39 @@ pub enum ReplayError {
 
 fn bus(e: impl std::fmt::Display) -> ReplayError {
     ReplayError::Bus(e.to_string())
+}
+
+/// The first message of `subject` (a subject or a filter) at or after
+/// sequence `seq`, if there is one.
+async fn next_of(
+    stream: &Stream,
+    subject: &str,
+    seq: u64,
+) -> Result<Option<StreamMessage>, ReplayError> {
+    match stream.direct_get_next_for_subject(subject, Some(seq)).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(bus(e)),
+    }
+}
+
+/// The next message of a replay, with its stream sequence and how many
+/// messages of the filter the server still holds after it.
+async fn next_message<E: std::fmt::Display>(
+    messages: &mut (impl futures::Stream<Item = Result<Message, E>> + Unpin),
+    cancel: &CancellationToken,
+) -> Result<(Message, u64, u64), ReplayError> {
+    let msg = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(ReplayError::Stopped),
+        m = messages.next() => m,
+    };
+    let msg = msg
+        .ok_or_else(|| ReplayError::Bus("the replay ended early".into()))?
+        .map_err(bus)?;
+    let info = msg.info().map_err(bus)?;
+    let (seq, pending) = (info.stream_sequence, info.pending);
+    Ok((msg, seq, pending))
 }
 
 /// The `ENTITIES` window of a job.
@@ -224,17 +257,8 @@ async fn initial(
             .map_err(bus)?;
         let mut seen = 0u64;
         while seen < snapshot {
-            let msg = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(ReplayError::Stopped),
-                m = messages.next() => m,
-            };
-            let msg = msg
-                .ok_or_else(|| ReplayError::Bus("the replay ended early".into()))?
-                .map_err(bus)?;
+            let (msg, seq, pending) = next_message(&mut messages, cancel).await?;
             seen += 1;
-            let info = msg.info().map_err(bus)?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
             let row = if seq <= to {
                 row_of(msg.headers.as_ref(), &msg.payload).filter(|r| !r.deleted)
             } else {
@@ -258,13 +282,8 @@ async fn initial(
 /// An entity's live state as of sequence `at`: the `old` state of its first
 /// version after `at`, unless that version created it.
 async fn as_of(stream: &Stream, subject: &str, at: u64) -> Result<Option<Row>, ReplayError> {
-    let next = match stream
-        .direct_get_next_for_subject(subject, Some(at + 1))
-        .await
-    {
-        Ok(m) => m,
-        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
-        Err(e) => return Err(bus(e)),
+    let Some(next) = next_of(stream, subject, at + 1).await? else {
+        return Ok(None);
     };
     match action_of(Some(&next.headers), &next.payload) {
         None | Some(Action::Created) => Ok(None),
@@ -280,22 +299,17 @@ async fn as_of(stream: &Stream, subject: &str, at: u64) -> Result<Option<Row>, R
 
 /// Whether `subject` has a version after `seq` and at or before `to`.
 async fn superseded(
-    stream: Stream,
-    subject: String,
+    stream: &Stream,
+    subject: &str,
     seq: u64,
     to: u64,
 ) -> Result<bool, ReplayError> {
     if seq >= to {
         return Ok(false);
     }
-    match stream
-        .direct_get_next_for_subject(subject, Some(seq + 1))
-        .await
-    {
-        Ok(m) => Ok(m.sequence <= to),
-        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(false),
-        Err(e) => Err(bus(e)),
-    }
+    Ok(next_of(stream, subject, seq + 1)
+        .await?
+        .is_some_and(|m| m.sequence <= to))
 }
 
 async fn incremental(
@@ -316,11 +330,11 @@ async fn incremental(
     tracing::debug!(
         filter,
         seconds = reading.elapsed().as_secs_f64(),
-        "window read into the spill file"
+        "window read into the spill files"
     );
     let mut versions = spill::Versions::new(spills);
+    // Each version waits in its check, so they come out in order.
     let mut checks = futures::stream::FuturesOrdered::new();
-    let mut waiting: VecDeque<Spilled> = VecDeque::new();
     let mut done = false;
     loop {
         // Keep up to CHECKS_IN_FLIGHT checks running; emit in order.
@@ -340,22 +354,20 @@ async fn incremental(
                 out.push_lines(v.lines).await?;
                 continue;
             }
-            let check = repeated.then(|| (stream.clone(), v.subject.clone(), v.seq));
+            let stream = repeated.then(|| stream.clone());
             checks.push_back(async move {
-                match check {
-                    Some((stream, subject, seq)) => superseded(stream, subject, seq, to).await,
-                    None => Ok(false),
-                }
+                let later = match stream {
+                    Some(stream) => superseded(&stream, &v.subject, v.seq, to).await?,
+                    None => false,
+                };
+                Ok::<_, ReplayError>((later, v))
             });
-            waiting.push_back(v);
         }
-        let Some(result) = checks.next().await else {
+        let Some(checked) = checks.next().await else {
             break;
         };
-        let v = waiting
-            .pop_front()
-            .ok_or_else(|| ReplayError::Bus("replay bookkeeping lost a message".into()))?;
-        if !result? {
+        let (later, v) = checked?;
+        if !later {
             out.push_lines(v.lines).await?;
         }
     }
@@ -421,14 +433,11 @@ async fn read_segment(
     cancel: &CancellationToken,
 ) -> Result<Option<(spill::Writer, Repeats)>, ReplayError> {
     // Nothing of this type here: no consumer (it would wait for one).
-    match stream
-        .direct_get_next_for_subject(filter, Some(from + 1))
-        .await
+    if next_of(stream, filter, from + 1)
+        .await?
+        .is_none_or(|m| m.sequence > to)
     {
-        Ok(m) if m.sequence <= to => {}
-        Ok(_) => return Ok(None),
-        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
-        Err(e) => return Err(bus(e)),
+        return Ok(None);
     }
     let mut lines = Lines::default();
     let mut repeats = Repeats::new();
@@ -446,16 +455,7 @@ async fn read_segment(
         .map_err(bus)?;
     let mut messages = consumer.messages().await.map_err(bus)?;
     loop {
-        let msg = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(ReplayError::Stopped),
-            m = messages.next() => m,
-        };
-        let msg = msg
-            .ok_or_else(|| ReplayError::Bus("the replay ended early".into()))?
-            .map_err(bus)?;
-        let info = msg.info().map_err(bus)?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
+        let (msg, seq, pending) = next_message(&mut messages, cancel).await?;
         if seq > to {
             break;
         }
