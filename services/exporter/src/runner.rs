@@ -795,7 +795,6 @@ impl Runner {
         let (org, name) = (req.org_id.clone(), ty.source.name);
         let stop = cancel.child_token();
         let rows = RowFormat::new(*ty, spec.format, spec.since);
-        let columns = rows.columns().to_vec();
         let mut reader = {
             let stop = stop.clone();
             tokio::spawn(async move {
@@ -803,7 +802,7 @@ impl Runner {
             })
         };
         let written = self
-            .write_parts(req, spec, ty, &columns, &mut rx, &mut reader, progress)
+            .write_parts(req, spec, ty, &mut rx, &mut reader, progress)
             .await;
         drop(rx);
         if written.is_err() {
@@ -814,18 +813,17 @@ impl Runner {
     }
 
     /// Joins the replay's lines into the type's file, split into parts.
-    #[allow(clippy::too_many_arguments)]
     async fn write_parts(
         &self,
         req: &ExportJobRequest,
         spec: &Spec,
         ty: &ExportKind,
-        columns: &[String],
         lines: &mut mpsc::Receiver<Vec<Bytes>>,
         reader: &mut tokio::task::JoinHandle<Result<u64, ReplayError>>,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
         let settings = &self.inner.settings;
+        let columns = &ty.columns();
         let type_token = ty.token;
         let ext = spec.format.extension(settings.gzip);
         let content_type = spec.format.content_type(settings.gzip);
@@ -840,14 +838,14 @@ impl Runner {
         while let Some(batch) = lines.recv().await {
             for line in batch {
                 if enc.rows() > 0 && enc.size() + line.len() as u64 > settings.split_bytes {
-                    let last = enc.finish();
-                    file.write(Bytes::from(last)).await?;
-                    let rows_in_part = file.rows;
-                    out.push(file.finish(ty, rows_in_part).await?);
+                    let full = std::mem::replace(
+                        &mut enc,
+                        Encoder::new(spec.format, columns, settings.gzip),
+                    );
+                    out.push(file.close(full, ty, progress).await?);
                     part += 1;
                     file =
                         PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
-                    enc = Encoder::new(spec.format, columns, settings.gzip);
                 }
                 enc.push_line(&line);
                 file.rows += 1;
@@ -869,12 +867,8 @@ impl Runner {
             file.abort().await;
             return Err(e);
         }
-        let last = enc.finish();
-        progress.add(0, last.len() as u64);
-        file.write(Bytes::from(last)).await?;
-        let rows_in_part = file.rows;
         let finishing = Instant::now();
-        out.push(file.finish(ty, rows_in_part).await?);
+        out.push(file.close(enc, ty, progress).await?);
         tracing::debug!(
             org = %req.org_id,
             job = %req.job_id,
@@ -970,12 +964,18 @@ impl PartWriter {
         }
     }
 
-    /// Completes the part everywhere: its files, rows and bytes.
-    async fn finish(
-        self,
+    /// Writes the encoder's last bytes and completes the part everywhere:
+    /// its files, rows and bytes.
+    async fn close(
+        mut self,
+        enc: Encoder,
         ty: &ExportKind,
-        rows: u64,
+        progress: &mut Progress<'_>,
     ) -> Result<(Vec<ExportFile>, u64, u64), JobError> {
+        let last = enc.finish();
+        progress.add(0, last.len() as u64);
+        self.write(Bytes::from(last)).await?;
+        let rows = self.rows;
         let sha = hex(&self.hash.finalize());
         let uris = try_join_all(self.uploads.into_iter().map(|u| u.finish())).await?;
         let files = uris
