@@ -124,7 +124,7 @@ pub fn export_types(value: Option<&Value>) -> Result<Vec<ExportKind>, String> {
 
 /// Columns of a type's files: its response schema's properties, then its
 /// parent's id if the schema lacks it.
-pub fn columns(ty: &EntityType) -> Vec<String> {
+fn columns(ty: &EntityType) -> Vec<String> {
     let mut cols: Vec<String> = schema::columns(ty.response)
         .into_iter()
         .map(str::to_owned)
@@ -164,15 +164,6 @@ impl RowFormat {
             format,
             since,
         }
-    }
-
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
-    /// The columns of CSV files (before `deleted`).
-    pub fn columns(&self) -> &[String] {
-        &self.columns
     }
 
     /// Appends the lines `row` stands for to `out`: none if it is not
