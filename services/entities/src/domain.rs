@@ -268,18 +268,7 @@ impl Entities {
         old: Option<&Value>,
         expected: u64,
     ) -> Result<(), ServiceError> {
-        let event = EntityEvent {
-            id: uuid::Uuid::now_v7().to_string(),
-            event_name: ty.event_name(action),
-            event_time: Utc::now(),
-            org_id: org.to_owned(),
-            entity_type: ty.name.to_owned(),
-            entity_id: id.to_owned(),
-            action,
-            actor: actor.to_owned(),
-            new: new.cloned(),
-            old: old.cloned(),
-        };
+        let event = EntityEvent::now(org, ty.name, id, action, actor, new.cloned(), old.cloned());
         let seq = self.store.append(&event, expected).await?;
         let entry = new.map(|s| index_entry(ty, seq, s));
         self.index.apply(org, ty.name, id, seq, entry);
