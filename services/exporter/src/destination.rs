@@ -454,12 +454,19 @@ impl S3Upload {
 
 #[async_trait]
 impl Upload for S3Upload {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), DeliveryError> {
-        self.buf.extend_from_slice(&chunk);
-        while self.buf.len() >= self.part_bytes {
-            let rest = self.buf.split_off(self.part_bytes);
-            let part = std::mem::replace(&mut self.buf, rest);
-            self.upload_part(part).await?;
+    async fn write(&mut self, mut chunk: Bytes) -> Result<(), DeliveryError> {
+        // Each part's buffer is allocated once at its full size and filled
+        // to exactly that size: no regrowing, no copying of the rest.
+        while !chunk.is_empty() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(self.part_bytes);
+            }
+            let take = (self.part_bytes - self.buf.len()).min(chunk.len());
+            self.buf.extend_from_slice(&chunk.split_to(take));
+            if self.buf.len() == self.part_bytes {
+                let part = std::mem::take(&mut self.buf);
+                self.upload_part(part).await?;
+            }
         }
         Ok(())
     }
