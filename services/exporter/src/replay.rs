@@ -11,7 +11,7 @@
 //!   memory do not depend on history. An entity changed after `S` (its last
 //!   message is newer) is exported as it was at `S`: the `old` state of its
 //!   first version after `S`.
-//! - Incremental export: ordered consumers replay the window once,
+//! - Incremental export: consumers replay the window once,
 //!   filtered to the type (a large window in two parts at once, each into
 //!   its own spill file); each version is encoded into its lines as it is
 //!   read, and those go into the spill file on local disk, while the
@@ -95,6 +95,50 @@ async fn next_message<E: std::fmt::Display>(
     Ok((msg, seq, pending))
 }
 
+/// A replay of `filter` from where `deliver_policy` says: an ephemeral
+/// pull consumer without acks (nothing is redelivered: a replay that stops
+/// fails its attempt, and the job's next attempt replays again), read in
+/// pull requests of `batch` messages. A lost connection shows as missed
+/// heartbeats. Returns the consumer's name (to delete it when done), how
+/// many messages it had to deliver when created, and its messages.
+async fn open_replay(
+    stream: &Stream,
+    filter: &str,
+    deliver_policy: DeliverPolicy,
+    description: &str,
+    batch: usize,
+) -> Result<(String, u64, pull::Stream), ReplayError> {
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: filter.to_owned(),
+            deliver_policy,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            memory_storage: true,
+            description: Some(format!("Meterline exporter: {description}")),
+            ..Default::default()
+        })
+        .await
+        .map_err(bus)?;
+    let info = consumer.cached_info();
+    let (name, pending) = (info.name.clone(), info.num_pending);
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .max_bytes_per_batch(PULL_BATCH_BYTES)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await;
+    match messages {
+        Ok(m) => Ok((name, pending, m)),
+        Err(e) => {
+            let _ = stream.delete_consumer(&name).await;
+            Err(bus(e))
+        }
+    }
+}
+
 /// The `ENTITIES` window of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -103,6 +147,15 @@ pub struct Window {
     /// `S`: inclusive.
     pub to: u64,
 }
+
+/// Messages one pull request of a replay asks for (the client asks for the
+/// next batch when half of one is left): small batches leave the server's
+/// delivery waiting for requests (batches of 1,000 read a type about a
+/// fifth slower than batches of 8,000, and ordered consumers' 500 slower
+/// still).
+const PULL_BATCH: usize = 8192;
+/// ... and at most this many bytes, which bounds what is buffered.
+const PULL_BATCH_BYTES: usize = 8 << 20;
 
 /// Lines go to the writer in batches of about this many.
 const BATCH: usize = 256;
@@ -226,35 +279,21 @@ async fn initial(
         return Ok(());
     }
     let filter = subjects::entity_type_filter(org, entity_type);
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: filter,
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            memory_storage: true,
-            description: Some("Meterline exporter: initial export".into()),
-            ..Default::default()
-        })
-        .await
-        .map_err(bus)?;
     // As the server counted at creation: one message per entity. Messages
     // written since come after these and are not read (a second message
     // of an entity would export it twice).
-    let snapshot = consumer.cached_info().num_pending;
-    let name = consumer.cached_info().name.clone();
+    let (name, snapshot, mut messages) = open_replay(
+        stream,
+        &filter,
+        DeliverPolicy::LastPerSubject,
+        "initial export",
+        PULL_BATCH,
+    )
+    .await?;
     let result = async {
         if snapshot == 0 {
             return Ok(());
         }
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(1000)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(bus)?;
         let mut seen = 0u64;
         while seen < snapshot {
             let (msg, seq, pending) = next_message(&mut messages, cancel).await?;
@@ -442,39 +481,52 @@ async fn read_segment(
     let mut lines = Lines::default();
     let mut repeats = Repeats::new();
     let mut spill = spill::Writer::new().await?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: filter.to_owned(),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from + 1,
-            },
-            description: Some("Meterline exporter: incremental export".into()),
-            ..Default::default()
-        })
-        .await
-        .map_err(bus)?;
-    let mut messages = consumer.messages().await.map_err(bus)?;
-    loop {
-        let (msg, seq, pending) = next_message(&mut messages, cancel).await?;
-        if seq > to {
-            break;
-        }
-        repeats.insert(msg.subject.as_str());
-        // A version with no lines (not modified since the job's start
-        // date, or of an unknown action) is not spilled; its entity still
-        // counts as seen, so its earlier versions are checked.
-        if let Some(action) = action_of(msg.headers.as_ref(), &msg.payload) {
-            lines.clear();
-            rows.lines(row_for(action, msg.payload.clone()), &mut lines);
-            if !lines.is_empty() {
-                spill.push(seq, msg.subject.as_str(), &lines).await?;
+    let (name, _, mut messages) = open_replay(
+        stream,
+        filter,
+        DeliverPolicy::ByStartSequence {
+            start_sequence: from + 1,
+        },
+        "incremental export",
+        segment_batch(to - from),
+    )
+    .await?;
+    let read: Result<(), ReplayError> = async {
+        loop {
+            let (msg, seq, pending) = next_message(&mut messages, cancel).await?;
+            if seq > to {
+                break;
+            }
+            repeats.insert(msg.subject.as_str());
+            // A version with no lines (not modified since the job's start
+            // date, or of an unknown action) is not spilled; its entity still
+            // counts as seen, so its earlier versions are checked.
+            if let Some(action) = action_of(msg.headers.as_ref(), &msg.payload) {
+                lines.clear();
+                rows.lines(row_for(action, msg.payload.clone()), &mut lines);
+                if !lines.is_empty() {
+                    spill.push(seq, msg.subject.as_str(), &lines).await?;
+                }
+            }
+            if pending == 0 || seq == to {
+                break;
             }
         }
-        if pending == 0 || seq == to {
-            break;
-        }
+        Ok(())
     }
+    .await;
+    let _ = stream.delete_consumer(&name).await;
+    read?;
     Ok(Some((spill, repeats)))
+}
+
+/// The pull batch of a segment `span` sequences long. The server keeps
+/// delivering past a segment's end what was asked for (up to one and a
+/// half batches, read and dropped), so a short segment asks for less.
+fn segment_batch(span: u64) -> usize {
+    usize::try_from(span / 4)
+        .unwrap_or(PULL_BATCH)
+        .clamp(256, PULL_BATCH)
 }
 
 /// One version as the spill file keeps it: its lines, encoded.
