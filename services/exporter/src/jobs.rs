@@ -4,6 +4,7 @@
 //! read-modify-write retried on conflict, a cursor by one compare-and-set
 //! whose failure means another job of the schedule moved it first.
 
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -219,53 +220,43 @@ impl Jobs {
         };
         let start = parse_date("dateCreatedStart", req.date_created_start.as_deref())?;
         let end = parse_date("dateCreatedEnd", req.date_created_end.as_deref())?;
-        let prefix = format!("$KV.{}.{org}.", provision::EXPORT_JOBS_BUCKET);
-        let mut subjects = self
-            .jobs_stream
-            .info_with_subjects(format!("{prefix}*"))
-            .await
-            .map_err(|e| unavailable("listing export jobs failed", e))?;
-        let mut ids = Vec::new();
-        while let Some(s) = subjects.next().await {
-            let (subject, _) = s.map_err(|e| unavailable("listing export jobs failed", e))?;
-            if let Some(id) = subject.strip_prefix(&prefix) {
-                ids.push(id.to_owned());
-            }
-        }
-        let mut records = Vec::new();
-        for id in ids {
-            if !req.ids.is_empty() && !req.ids.contains(&id) {
-                continue;
-            }
-            match self.get(org, &id).await {
-                Ok(r) => records.push(r),
-                Err(e) if e.code == ErrorCode::NotFound => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        records.retain(|r| {
+        // Newest first; the token is the sort key of the last one returned.
+        let after = match req.next_token.as_deref() {
+            Some(t) => Some(parse_token(t)?),
+            None => None,
+        };
+        let wanted = |r: &ExportJobRecord| {
             req.schedule_id
                 .as_deref()
                 .is_none_or(|s| r.schedule_id.as_deref() == Some(s))
                 && status.is_none_or(|s| r.status == s)
                 && start.is_none_or(|s| r.date_created >= s)
                 && end.is_none_or(|e| r.date_created < e)
-        });
-        // Newest first; the token is the sort key of the last one returned.
-        records.sort_by(|a, b| (b.date_created, &b.id).cmp(&(a.date_created, &a.id)));
-        let after = match req.next_token.as_deref() {
-            Some(t) => Some(parse_token(t)?),
-            None => None,
-        };
-        let mut page = records
-            .into_iter()
-            .filter(|r| {
-                after
+                && after
                     .as_ref()
                     .is_none_or(|(t, id)| (r.date_created, &r.id) < (*t, id))
+        };
+        // The page and one more (to know whether there is a next page).
+        let mut newest = Newest::new(size as usize + 1);
+        if req.ids.is_empty() {
+            self.each_record(org, |r| {
+                if wanted(&r) {
+                    newest.push(r);
+                }
             })
-            .take(size as usize + 1)
-            .collect::<Vec<_>>();
+            .await?;
+        } else {
+            let ids: std::collections::BTreeSet<&String> = req.ids.iter().collect();
+            for id in ids {
+                match self.get(org, id).await {
+                    Ok(r) if wanted(&r) => newest.push(r),
+                    Ok(_) => {}
+                    Err(e) if e.code == ErrorCode::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut page = newest.into_vec();
         let more = page.len() > size as usize;
         page.truncate(size as usize);
         let next_token = if more {
@@ -279,6 +270,110 @@ impl Jobs {
             .map(|r| serde_json::to_value(r).map_err(ServiceError::internal))
             .collect::<Result<_, _>>()?;
         Ok(Page { data, next_token })
+    }
+
+    /// Calls `each` with every record of `org`, read in one pass over the
+    /// bucket (the last version of each of the org's keys), so listing
+    /// costs one replay, not one request per job.
+    async fn each_record(
+        &self,
+        org: &str,
+        mut each: impl FnMut(ExportJobRecord),
+    ) -> Result<(), ServiceError> {
+        let failed = |e: &dyn std::fmt::Display| unavailable("listing export jobs failed", e);
+        let consumer = self
+            .jobs_stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: format!("$KV.{}.{org}.*", provision::EXPORT_JOBS_BUCKET),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                description: Some("Meterline exporter: listing jobs".into()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        // No records: nothing would come (the consumer would wait).
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(());
+        }
+        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        while let Some(msg) = messages.next().await {
+            let msg = msg.map_err(|e| failed(&e))?;
+            let removed = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| op.as_str() != "PUT");
+            if !removed {
+                each(serde_json::from_slice(&msg.payload).map_err(ServiceError::internal)?);
+            }
+            if msg.info().map_err(|e| failed(&e))?.pending == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `n` newest records pushed (by `dateCreated`, then id), kept while
+/// the rest go by: a page costs memory for its own records only.
+struct Newest {
+    n: usize,
+    /// Oldest on top.
+    heap: std::collections::BinaryHeap<ByAge>,
+}
+
+struct ByAge(ExportJobRecord);
+
+impl ByAge {
+    fn key(&self) -> (DateTime<Utc>, &str) {
+        (self.0.date_created, &self.0.id)
+    }
+}
+
+impl Ord for ByAge {
+    /// Reversed, so that the heap's top is the oldest.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.key().cmp(&self.key())
+    }
+}
+
+impl PartialOrd for ByAge {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for ByAge {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for ByAge {}
+
+impl Newest {
+    fn new(n: usize) -> Newest {
+        Newest {
+            n,
+            heap: std::collections::BinaryHeap::with_capacity(n + 1),
+        }
+    }
+
+    fn push(&mut self, record: ExportJobRecord) {
+        self.heap.push(ByAge(record));
+        if self.heap.len() > self.n {
+            self.heap.pop();
+        }
+    }
+
+    /// Newest first.
+    fn into_vec(self) -> Vec<ExportJobRecord> {
+        // Ascending in the reversed order: newest first.
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|r| r.0)
+            .collect()
     }
 }
 
@@ -306,6 +401,31 @@ fn parse_token(t: &str) -> Result<(DateTime<Utc>, String), ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_keeps_the_newest_records_newest_first() {
+        use meterline_shared::exportjob::{ExportJobRequest, Trigger};
+        let t0 = Utc::now();
+        let record = |id: &str, secs: i64| {
+            let req = ExportJobRequest {
+                job_id: id.into(),
+                org_id: "o".into(),
+                schedule_id: None,
+                slot: t0,
+                trigger: Trigger::Manual,
+                adhoc: None,
+            };
+            ExportJobRecord::pending(&req, t0 + chrono::Duration::seconds(secs))
+        };
+        let mut newest = Newest::new(3);
+        // Out of order, with two created in the same instant (then by id).
+        for (id, secs) in [("c", 5), ("a", 1), ("e", 9), ("b", 5), ("d", 7), ("f", 0)] {
+            newest.push(record(id, secs));
+        }
+        let ids: Vec<String> = newest.into_vec().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["e", "d", "c"]);
+        assert!(Newest::new(2).into_vec().is_empty());
+    }
 
     #[test]
     fn cursors_read_json_and_bare_numbers() {
