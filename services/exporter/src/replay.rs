@@ -522,9 +522,12 @@ async fn read_segment(
 
 /// The pull batch of a segment `span` sequences long. The server keeps
 /// delivering past a segment's end what was asked for (up to one and a
-/// half batches, read and dropped), so a short segment asks for less.
+/// half batches, read and dropped), so a segment asks for at most a
+/// sixteenth of its span: at most about a tenth more read in vain. (A
+/// window of 100,000 changes in two segments was read fastest so, ahead of
+/// a quarter and of a 64th.)
 fn segment_batch(span: u64) -> usize {
-    usize::try_from(span / 4)
+    usize::try_from(span / 16)
         .unwrap_or(PULL_BATCH)
         .clamp(256, PULL_BATCH)
 }
