@@ -159,17 +159,6 @@ async fn probe(
     Ok(())
 }
 
-/// The faster of two raw replays of the same messages (the faster one is
-/// the stricter comparison).
-fn faster(a: (u64, Duration), b: (u64, Duration)) -> (u64, Duration) {
-    let rate = |r: (u64, Duration)| r.0 as f64 / r.1.as_secs_f64().max(1e-9);
-    if rate(b) > rate(a) {
-        b
-    } else {
-        a
-    }
-}
-
 fn peak_rss_reset() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -262,39 +251,112 @@ fn rows(
     ]
 }
 
-/// Best of several runs: the exports of `schedules` one after the other,
-/// a raw replay of `[start, to]` before the first and after each; the
-/// fastest export against the fastest raw replay, and the largest peak
-/// memory of any run.
-#[allow(clippy::too_many_arguments)]
-async fn best_of(
-    js: &jetstream::Context,
-    jobs: &jetstream::kv::Store,
-    entities: &jetstream::stream::Stream,
-    filter: &str,
-    (start, to): (u64, u64),
-    schedules: &[String],
-    name: &str,
-    expect_rows: u64,
-) -> anyhow::Result<(Vec<Row>, ExportJobRecord)> {
-    let mut raw = raw_replay(entities, filter, start, to).await?;
-    let mut best: Option<(ExportJobRecord, Duration)> = None;
-    let mut peak = 0f64;
-    for schedule in schedules {
-        let (rec, elapsed, m) = export(js, jobs, schedule).await?;
-        anyhow::ensure!(
-            rec.rows == expect_rows,
-            "{name} ({schedule}) holds {} rows, not {expect_rows}",
-            rec.rows
-        );
-        raw = faster(raw, raw_replay(entities, filter, start, to).await?);
-        peak = peak.max(m);
-        if best.as_ref().is_none_or(|(_, t)| elapsed < *t) {
-            best = Some((rec, elapsed));
+/// CPU time used so far by this process (the exporter, or the raw
+/// reader), the bus server and the S3 server, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    own: f64,
+    nats: f64,
+    s3: f64,
+}
+
+impl std::ops::Sub for CpuUse {
+    type Output = CpuUse;
+    fn sub(self, o: CpuUse) -> CpuUse {
+        CpuUse {
+            own: self.own - o.own,
+            nats: self.nats - o.nats,
+            s3: self.s3 - o.s3,
         }
     }
-    let (rec, elapsed) = best.ok_or_else(|| anyhow::anyhow!("no runs"))?;
-    Ok((rows(name, &rec, elapsed, raw, peak), rec))
+}
+
+/// CPU seconds process `pid` (`self` for this one) has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    crate::cpu_ticks(pid) as f64 / 100.0
+}
+
+/// What a run of the export bench works with.
+struct Bench<'a> {
+    js: &'a jetstream::Context,
+    jobs: &'a jetstream::kv::Store,
+    entities: &'a jetstream::stream::Stream,
+    filter: &'a str,
+    nats_pid: Option<u32>,
+    s3_pid: Option<u32>,
+}
+
+impl Bench<'_> {
+    fn cpu(&self) -> CpuUse {
+        let of = |pid: Option<u32>| pid.map_or(0.0, |p| cpu_seconds(&p.to_string()));
+        CpuUse {
+            own: cpu_seconds("self"),
+            nats: of(self.nats_pid),
+            s3: of(self.s3_pid),
+        }
+    }
+
+    /// A raw replay of `[start, to]` and the CPU it took.
+    async fn raw(&self, (start, to): (u64, u64)) -> anyhow::Result<((u64, Duration), CpuUse)> {
+        let before = self.cpu();
+        let raw = raw_replay(self.entities, self.filter, start, to).await?;
+        Ok((raw, self.cpu() - before))
+    }
+
+    /// Best of several runs: the exports of `schedules` one after the
+    /// other, a raw replay of `window` before the first and after each;
+    /// the fastest export against the fastest raw replay, and the largest
+    /// peak memory of any run. Prints the CPU time each side took in its
+    /// fastest run: on a machine this small, the servers' share is what
+    /// the ratio is made of.
+    async fn best_of(
+        &self,
+        window: (u64, u64),
+        schedules: &[String],
+        name: &str,
+        expect_rows: u64,
+    ) -> anyhow::Result<(Vec<Row>, ExportJobRecord)> {
+        let mut raw = self.raw(window).await?;
+        let mut best: Option<(ExportJobRecord, Duration, CpuUse)> = None;
+        let mut peak = 0f64;
+        for schedule in schedules {
+            let before = self.cpu();
+            let (rec, elapsed, m) = export(self.js, self.jobs, schedule).await?;
+            let cpu = self.cpu() - before;
+            anyhow::ensure!(
+                rec.rows == expect_rows,
+                "{name} ({schedule}) holds {} rows, not {expect_rows}",
+                rec.rows
+            );
+            let again = self.raw(window).await?;
+            if rate(again.0) > rate(raw.0) {
+                raw = again;
+            }
+            peak = peak.max(m);
+            if best.as_ref().is_none_or(|(_, t, _)| elapsed < *t) {
+                best = Some((rec, elapsed, cpu));
+            }
+        }
+        let (rec, elapsed, cpu) = best.ok_or_else(|| anyhow::anyhow!("no runs"))?;
+        let ((_, raw_took), raw_cpu) = raw;
+        println!(
+            "exports: {name}: CPU seconds of the fastest run ({:.2} s): exporter {:.2}, \
+             nats-server {:.2}, S3 server {:.2}; of the fastest raw replay ({:.2} s): \
+             reader {:.2}, nats-server {:.2}",
+            elapsed.as_secs_f64(),
+            cpu.own,
+            cpu.nats,
+            cpu.s3,
+            raw_took.as_secs_f64(),
+            raw_cpu.own,
+            raw_cpu.nats,
+        );
+        Ok((rows(name, &rec, elapsed, raw.0, peak), rec))
+    }
+}
+
+fn rate(r: (u64, Duration)) -> f64 {
+    r.0 as f64 / r.1.as_secs_f64().max(1e-9)
 }
 
 pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
@@ -400,30 +462,22 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         let last = entities.get_info().await?.state.last_sequence;
         probe(&entities, None, last).await?;
     }
+    let bench = Bench {
+        js: &js,
+        jobs: &jobs,
+        entities: &entities,
+        filter: &filter,
+        nats_pid: nats.pid(),
+        s3_pid: s3.pid(),
+    };
     let whole = (1, u64::MAX);
-    let (figures, first) = best_of(
-        &js,
-        &jobs,
-        &entities,
-        &filter,
-        whole,
-        &local,
-        "initial export to local files",
-        n as u64,
-    )
-    .await?;
+    let (figures, first) = bench
+        .best_of(whole, &local, "initial export to local files", n as u64)
+        .await?;
     out.extend(figures);
-    let (figures, _) = best_of(
-        &js,
-        &jobs,
-        &entities,
-        &filter,
-        whole,
-        &remote,
-        "initial export to S3",
-        n as u64,
-    )
-    .await?;
+    let (figures, _) = bench
+        .best_of(whole, &remote, "initial export to S3", n as u64)
+        .await?;
     out.extend(figures);
 
     // A window of changes: updates of distinct accounts, spread over all.
@@ -474,17 +528,9 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         (&local, "incremental export to local files"),
         (&remote, "incremental export to S3"),
     ] {
-        let (figures, _) = best_of(
-            &js,
-            &jobs,
-            &entities,
-            &filter,
-            window,
-            schedules,
-            name,
-            changes as u64,
-        )
-        .await?;
+        let (figures, _) = bench
+            .best_of(window, schedules, name, changes as u64)
+            .await?;
         out.extend(figures);
     }
     exporter.stop().await;

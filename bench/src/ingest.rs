@@ -18,7 +18,7 @@ use meterline_shared::protocol::EntityRequest;
 use meterline_shared::testkit::{NatsServer, Running};
 use meterline_shared::{bus, subjects};
 
-use crate::{compare, env_usize, measure, Figure, Row, ORG};
+use crate::{compare, cpu_ticks, env_usize, measure, Figure, Row, ORG};
 
 const BATCH: usize = 1000;
 /// JetStream's own de-duplication (`Nats-Msg-Id`) keeps about this much
@@ -74,20 +74,6 @@ fn stored_form(batch: usize, raw: &[Value]) -> anyhow::Result<Vec<(String, Bytes
         ));
     }
     Ok(messages)
-}
-
-/// CPU time (user and system) a process has used so far, from
-/// `/proc/<pid>/stat`, in clock ticks (100 per second on Linux).
-fn cpu_ticks(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // The fields after the command name, which is in parentheses.
-            let rest = s.rsplit_once(')')?.1.to_owned();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
 }
 
 /// CPU time of this process (client and in-process services) and of

@@ -141,6 +141,20 @@ pub fn compare(name: &str, unit: &str, weight: usize, ml: &Figure, raw: &Figure)
     rows
 }
 
+/// CPU time (user and system) a process (`self` for this one) has used so
+/// far, from `/proc/<pid>/stat`, in clock ticks (100 per second on Linux).
+pub fn cpu_ticks(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -203,6 +203,11 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// The server's process id while it runs (the bench reads its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts a server on a free port with a fresh root and fresh keys.
     pub fn start() -> S3Server {
         crate::telemetry::init_for_tests();
