@@ -78,8 +78,8 @@ async fn next_of(
 
 /// The next message of a replay, with its stream sequence and how many
 /// messages of the filter the server still holds after it.
-async fn next_message<E: std::fmt::Display>(
-    messages: &mut (impl futures::Stream<Item = Result<Message, E>> + Unpin),
+async fn next_message(
+    messages: &mut pull::Stream,
     cancel: &CancellationToken,
 ) -> Result<(Message, u64, u64), ReplayError> {
     let msg = tokio::select! {
@@ -95,19 +95,20 @@ async fn next_message<E: std::fmt::Display>(
     Ok((msg, seq, pending))
 }
 
-/// A replay of `filter` from where `deliver_policy` says: an ephemeral
-/// pull consumer without acks (nothing is redelivered: a replay that stops
-/// fails its attempt, and the job's next attempt replays again), read in
-/// pull requests of `batch` messages. A lost connection shows as missed
-/// heartbeats. Returns the consumer's name (to delete it when done), how
-/// many messages it had to deliver when created, and its messages.
-async fn open_replay(
+/// Runs `read` on a replay of `filter` from where `deliver_policy` says,
+/// given how many messages the consumer had to deliver when created, then
+/// deletes the consumer. The consumer is ephemeral and without acks
+/// (nothing is redelivered: a replay that stops fails its attempt, and the
+/// job's next attempt replays again); it is read in pull requests of
+/// `batch` messages. A lost connection shows as missed heartbeats.
+async fn with_replay<T>(
     stream: &Stream,
     filter: &str,
     deliver_policy: DeliverPolicy,
     description: &str,
     batch: usize,
-) -> Result<(String, u64, pull::Stream), ReplayError> {
+    read: impl AsyncFnOnce(u64, &mut pull::Stream) -> Result<T, ReplayError>,
+) -> Result<T, ReplayError> {
     let consumer = stream
         .create_consumer(pull::Config {
             filter_subject: filter.to_owned(),
@@ -122,21 +123,20 @@ async fn open_replay(
         .map_err(bus)?;
     let info = consumer.cached_info();
     let (name, pending) = (info.name.clone(), info.num_pending);
-    let messages = consumer
+    let result = match consumer
         .stream()
         .max_messages_per_batch(batch)
         .max_bytes_per_batch(PULL_BATCH_BYTES)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
-        .await;
-    match messages {
-        Ok(m) => Ok((name, pending, m)),
-        Err(e) => {
-            let _ = stream.delete_consumer(&name).await;
-            Err(bus(e))
-        }
-    }
+        .await
+    {
+        Ok(mut messages) => read(pending, &mut messages).await,
+        Err(e) => Err(bus(e)),
+    };
+    let _ = stream.delete_consumer(&name).await;
+    result
 }
 
 /// The `ENTITIES` window of a job.
@@ -279,43 +279,37 @@ async fn initial(
         return Ok(());
     }
     let filter = subjects::entity_type_filter(org, entity_type);
-    // As the server counted at creation: one message per entity. Messages
-    // written since come after these and are not read (a second message
-    // of an entity would export it twice).
-    let (name, snapshot, mut messages) = open_replay(
+    with_replay(
         stream,
         &filter,
         DeliverPolicy::LastPerSubject,
         "initial export",
         PULL_BATCH,
+        // `snapshot`, as the server counted at creation: one message per
+        // entity. Messages written since come after these and are not read
+        // (a second message of an entity would export it twice).
+        async |snapshot, messages| {
+            let mut seen = 0u64;
+            while seen < snapshot {
+                let (msg, seq, pending) = next_message(messages, cancel).await?;
+                seen += 1;
+                let row = if seq <= to {
+                    row_of(msg.headers.as_ref(), &msg.payload).filter(|r| !r.deleted)
+                } else {
+                    // Changed since S: export it as it was at S, if it was live.
+                    as_of(stream, msg.subject.as_str(), to).await?
+                };
+                if let Some(row) = row {
+                    out.push(row).await?;
+                }
+                if pending == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        },
     )
-    .await?;
-    let result = async {
-        if snapshot == 0 {
-            return Ok(());
-        }
-        let mut seen = 0u64;
-        while seen < snapshot {
-            let (msg, seq, pending) = next_message(&mut messages, cancel).await?;
-            seen += 1;
-            let row = if seq <= to {
-                row_of(msg.headers.as_ref(), &msg.payload).filter(|r| !r.deleted)
-            } else {
-                // Changed since S: export it as it was at S, if it was live.
-                as_of(stream, msg.subject.as_str(), to).await?
-            };
-            if let Some(row) = row {
-                out.push(row).await?;
-            }
-            if pending == 0 {
-                break;
-            }
-        }
-        Ok(())
-    }
-    .await;
-    let _ = stream.delete_consumer(&name).await;
-    result
+    .await
 }
 
 /// An entity's live state as of sequence `at`: the `old` state of its first
@@ -445,20 +439,16 @@ async fn read_window(
         .map(|i| (from + i * step, (from + (i + 1) * step).min(to)))
         .filter(|(a, b)| a < b)
         .map(|(a, b)| read_segment(stream, filter, a, b, rows, cancel));
-    let mut spills = Vec::new();
-    let mut repeats: Option<Repeats> = None;
-    for (spill, seen) in futures::future::try_join_all(reads)
+    let (spills, seen): (Vec<_>, Vec<_>) = futures::future::try_join_all(reads)
         .await?
         .into_iter()
         .flatten()
-    {
-        spills.push(spill);
-        repeats = Some(match repeats {
-            None => seen,
-            Some(r) => r.union(seen),
-        });
-    }
-    Ok((spills, repeats.unwrap_or_else(Repeats::new)))
+        .unzip();
+    let repeats = seen
+        .into_iter()
+        .reduce(Repeats::union)
+        .unwrap_or_else(Repeats::new);
+    Ok((spills, repeats))
 }
 
 /// Reads the part `(from, to]` of a window (see [`read_window`]); `None`
@@ -481,7 +471,7 @@ async fn read_segment(
     let mut lines = Lines::default();
     let mut repeats = Repeats::new();
     let mut spill = spill::Writer::new().await?;
-    let (name, _, mut messages) = open_replay(
+    with_replay(
         stream,
         filter,
         DeliverPolicy::ByStartSequence {
@@ -489,34 +479,32 @@ async fn read_segment(
         },
         "incremental export",
         segment_batch(to - from),
-    )
-    .await?;
-    let read: Result<(), ReplayError> = async {
-        loop {
-            let (msg, seq, pending) = next_message(&mut messages, cancel).await?;
-            if seq > to {
-                break;
-            }
-            repeats.insert(msg.subject.as_str());
-            // A version with no lines (not modified since the job's start
-            // date, or of an unknown action) is not spilled; its entity still
-            // counts as seen, so its earlier versions are checked.
-            if let Some(action) = action_of(msg.headers.as_ref(), &msg.payload) {
-                lines.clear();
-                rows.lines(row_for(action, msg.payload.clone()), &mut lines);
-                if !lines.is_empty() {
-                    spill.push(seq, msg.subject.as_str(), &lines).await?;
+        async |_, messages| {
+            loop {
+                let (msg, seq, pending) = next_message(messages, cancel).await?;
+                if seq > to {
+                    break;
+                }
+                repeats.insert(msg.subject.as_str());
+                // A version with no lines (not modified since the job's
+                // start date, or of an unknown action) is not spilled; its
+                // entity still counts as seen, so its earlier versions are
+                // checked.
+                if let Some(action) = action_of(msg.headers.as_ref(), &msg.payload) {
+                    lines.clear();
+                    rows.lines(row_for(action, msg.payload.clone()), &mut lines);
+                    if !lines.is_empty() {
+                        spill.push(seq, msg.subject.as_str(), &lines).await?;
+                    }
+                }
+                if pending == 0 || seq == to {
+                    break;
                 }
             }
-            if pending == 0 || seq == to {
-                break;
-            }
-        }
-        Ok(())
-    }
-    .await;
-    let _ = stream.delete_consumer(&name).await;
-    read?;
+            Ok(())
+        },
+    )
+    .await?;
     Ok(Some((spill, repeats)))
 }
 
