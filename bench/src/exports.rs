@@ -230,7 +230,7 @@ fn rows(
     peak: f64,
 ) -> Vec<Row> {
     let ml = rec.rows as f64 / elapsed.as_secs_f64();
-    let raw_rate = raw.0 as f64 / raw.1.as_secs_f64();
+    let raw_rate = rate(raw);
     vec![
         Row {
             figure: format!(
