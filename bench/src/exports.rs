@@ -129,9 +129,11 @@ async fn raw_replay(
 }
 
 /// Diagnostic: the exporter's replay of a window into CSV lines, without
-/// delivery (`BENCH_EXPORT_PROBE=1`).
+/// delivery (`BENCH_EXPORT_PROBE=1`), read on `streams` (each on its own
+/// connection, or the same one several times), described by `on`.
 async fn probe(
-    stream: &jetstream::stream::Stream,
+    on: &str,
+    streams: &[jetstream::stream::Stream],
     from: Option<u64>,
     to: u64,
 ) -> anyhow::Result<()> {
@@ -143,7 +145,7 @@ async fn probe(
     let t = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let cancel = meterline_shared::shutdown::CancellationToken::new();
-    let s = stream.clone();
+    let s = streams.to_vec();
     let reader = tokio::spawn(async move {
         replay(&s, ORG, "account", Window { from, to }, &rows, &tx, &cancel).await
     });
@@ -153,7 +155,7 @@ async fn probe(
     }
     reader.await??;
     println!(
-        "probe: replay into lines of {n} rows: {:.0} rows/s",
+        "probe: replay into lines of {n} rows on {on}: {:.0} rows/s",
         n as f64 / t.elapsed().as_secs_f64()
     );
     Ok(())
@@ -355,6 +357,27 @@ impl Bench<'_> {
     }
 }
 
+/// Waits until `EVENTS` has copied every `ENTITIES` message written so
+/// far (it sources them on its own time, and a server still copying
+/// would be measured with whatever runs beside it); prints how long that
+/// took.
+async fn sourced(js: &jetstream::Context, what: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut events = js.get_stream(subjects::EVENTS_STREAM).await?;
+    loop {
+        let info = events.info().await?;
+        if info.sources.iter().all(|s| s.lag == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "exports: EVENTS had copied the {what} {:.1}s after they were written",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn rate(r: (u64, Duration)) -> f64 {
     r.0 as f64 / r.1.as_secs_f64().max(1e-9)
 }
@@ -454,13 +477,20 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         "exports: {n} accounts written to ENTITIES in {:.1}s ({sample} bytes each)",
         t.elapsed().as_secs_f64()
     );
+    sourced(&js, "accounts").await?;
     let filter = subjects::entity_type_filter(ORG, "account");
     let mut out = Vec::new();
 
     // Initial exports: every account.
     if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
         let last = entities.get_info().await?.state.last_sequence;
-        probe(&entities, None, last).await?;
+        probe(
+            "one connection",
+            std::slice::from_ref(&entities),
+            None,
+            last,
+        )
+        .await?;
     }
     let bench = Bench {
         js: &js,
@@ -502,6 +532,7 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         "exports: {changes} updates written in {:.1}s",
         t.elapsed().as_secs_f64()
     );
+    sourced(&js, "updates").await?;
     let from = first.to_sequence.unwrap_or(0) + 1;
     let last = entities.get_info().await?.state.last_sequence;
     if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
@@ -510,7 +541,16 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
             "probe: raw {:.0} rows/s",
             raw.0 as f64 / raw.1.as_secs_f64()
         );
-        probe(&entities, Some(from - 1), last).await?;
+        // One connection for both parts of the window, or one each.
+        let second = jetstream::new(nats.client().await)
+            .get_stream(subjects::ENTITIES_STREAM)
+            .await?;
+        for _ in 0..4 {
+            let one = [entities.clone(), entities.clone()];
+            probe("one connection", &one, Some(from - 1), last).await?;
+            let two = [entities.clone(), second.clone()];
+            probe("two connections", &two, Some(from - 1), last).await?;
+        }
         // Would two consumers, each on half the window, read it faster?
         let mid = from + (last - from) / 2;
         let t = Instant::now();

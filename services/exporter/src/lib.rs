@@ -58,6 +58,8 @@ use crate::jobs::Jobs;
 use crate::runner::{Outcome, RunSettings, Runner};
 
 pub const SERVICE_NAME: &str = "exporter";
+/// The name of the connections replays read `ENTITIES` on.
+const REPLAY_CONNECTION_NAME: &str = "exporter-replay";
 /// The durable consumer all replicas share on `JOBS`.
 pub const CONSUMER: &str = "exporter";
 
@@ -167,6 +169,8 @@ impl Settings {
 
 pub struct App {
     client: async_nats::Client,
+    /// The connections replays read on.
+    reader_clients: Vec<async_nats::Client>,
     runner: Runner,
     queue: jetstream::stream::Stream,
     settings: Settings,
@@ -192,9 +196,25 @@ impl App {
             provision::ensure_object_store(&js, provision::export_files_bucket(replicas)).await?;
         let entities = js.get_stream(subjects::ENTITIES_STREAM).await?;
         let queue = js.get_stream(subjects::JOBS_STREAM).await?;
+        // Replays read on connections of their own: a client parses what
+        // one connection receives on one task, so the parts of a window
+        // are parsed on as many cores, and file chunks sent to the
+        // download store do not queue behind the replay's messages.
+        let mut reader_clients = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..replay::SEGMENTS {
+            let reader = bus::connect(&settings.nats, REPLAY_CONNECTION_NAME).await?;
+            readers.push(
+                jetstream::new(reader.clone())
+                    .get_stream(subjects::ENTITIES_STREAM)
+                    .await?,
+            );
+            reader_clients.push(reader);
+        }
         let runner = Runner::new(
             js.clone(),
             entities,
+            readers,
             jobs,
             files,
             sealer,
@@ -222,6 +242,7 @@ impl App {
         bus::round_trip(&client).await?;
         Ok(App {
             client,
+            reader_clients,
             runner,
             queue,
             settings,
@@ -280,6 +301,9 @@ impl App {
         served?;
         let _ = self.service.stop().await;
         let _ = self.client.drain().await;
+        for reader in &self.reader_clients {
+            let _ = reader.drain().await;
+        }
         tracing::info!("exporter stopped");
         Ok(())
     }

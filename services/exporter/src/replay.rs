@@ -197,8 +197,13 @@ fn row_for(action: Action, payload: Bytes) -> Row {
 
 /// Sends the lines of every row of `entity_type` in `window`, as `rows`
 /// makes them, to `lines`; returns how many.
+///
+/// `streams` are handles on `ENTITIES`, best each on its own connection:
+/// the parts of a large window are read one on each (a client parses what
+/// one connection receives on one task, so two connections let two cores
+/// parse). The first also answers the lookups.
 pub async fn replay(
-    stream: &Stream,
+    streams: &[Stream],
     org: &str,
     entity_type: &str,
     window: Window,
@@ -213,10 +218,13 @@ pub async fn replay(
         ready: Vec::with_capacity(BATCH),
         sent: 0,
     };
+    let stream = streams
+        .first()
+        .ok_or_else(|| ReplayError::Bus("no connection to read ENTITIES on".into()))?;
     match window.from {
         None => initial(stream, org, entity_type, window.to, &mut out, cancel).await?,
         Some(from) => {
-            incremental(stream, org, entity_type, from, window.to, &mut out, cancel).await?
+            incremental(streams, org, entity_type, from, window.to, &mut out, cancel).await?
         }
     }
     out.flush().await?;
@@ -346,7 +354,7 @@ async fn superseded(
 }
 
 async fn incremental(
-    stream: &Stream,
+    streams: &[Stream],
     org: &str,
     entity_type: &str,
     from: u64,
@@ -359,7 +367,8 @@ async fn incremental(
     }
     let filter = subjects::entity_type_filter(org, entity_type);
     let reading = std::time::Instant::now();
-    let (spills, repeats) = read_window(stream, &filter, from, to, out.rows, cancel).await?;
+    let (spills, repeats) = read_window(streams, &filter, from, to, out.rows, cancel).await?;
+    let stream = &streams[0];
     tracing::debug!(
         filter,
         seconds = reading.elapsed().as_secs_f64(),
@@ -411,8 +420,9 @@ async fn incremental(
 const SEGMENT_MIN: u64 = 1_000;
 /// How many consumers read a large window at once, each its own part of
 /// the sequences: one consumer leaves the server's second core idle (two
-/// read a window about 1.3 times as fast as one on two cores).
-const SEGMENTS: u64 = 2;
+/// read a window about 1.3 times as fast as one on two cores). It is also
+/// how many connections an exporter reads `ENTITIES` on.
+pub const SEGMENTS: u64 = 2;
 
 /// Reads the window once, filtered to the type, encodes each version into
 /// its lines, and writes those into spill files on local disk (one per
@@ -422,7 +432,7 @@ const SEGMENTS: u64 = 2;
 /// a local read of finished lines instead of a second replay from the bus.
 /// Their size is about the window's, on disk; memory stays constant.
 async fn read_window(
-    stream: &Stream,
+    streams: &[Stream],
     filter: &str,
     from: u64,
     to: u64,
@@ -438,7 +448,8 @@ async fn read_window(
     let reads = (0..segments)
         .map(|i| (from + i * step, (from + (i + 1) * step).min(to)))
         .filter(|(a, b)| a < b)
-        .map(|(a, b)| read_segment(stream, filter, a, b, rows, cancel));
+        .zip(streams.iter().cycle())
+        .map(|((a, b), stream)| read_segment(stream, filter, a, b, rows, cancel));
     let (spills, seen): (Vec<_>, Vec<_>) = futures::future::try_join_all(reads)
         .await?
         .into_iter()

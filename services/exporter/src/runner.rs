@@ -143,6 +143,8 @@ pub struct Runner {
 struct Inner {
     js: jetstream::Context,
     entities: jetstream::stream::Stream,
+    /// `ENTITIES` on the connections replays read on (see [`replay::replay`]).
+    readers: Arc<[jetstream::stream::Stream]>,
     jobs: Jobs,
     files: jetstream::object_store::ObjectStore,
     sealer: Sealer,
@@ -202,9 +204,12 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl Runner {
+    /// `readers`: `ENTITIES` on the connections replays read on; none = on
+    /// `entities`'.
     pub fn new(
         js: jetstream::Context,
         entities: jetstream::stream::Stream,
+        readers: Vec<jetstream::stream::Stream>,
         jobs: Jobs,
         files: jetstream::object_store::ObjectStore,
         sealer: Sealer,
@@ -213,6 +218,11 @@ impl Runner {
         Runner {
             inner: Arc::new(Inner {
                 js,
+                readers: if readers.is_empty() {
+                    vec![entities.clone()].into()
+                } else {
+                    readers.into()
+                },
                 entities,
                 jobs,
                 files,
@@ -791,14 +801,14 @@ impl Runner {
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
         let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(16);
-        let stream = self.inner.entities.clone();
+        let streams = self.inner.readers.clone();
         let (org, name) = (req.org_id.clone(), ty.source.name);
         let stop = cancel.child_token();
         let rows = RowFormat::new(*ty, spec.format, spec.since);
         let mut reader = {
             let stop = stop.clone();
             tokio::spawn(async move {
-                replay::replay(&stream, &org, name, window, &rows, &tx, &stop).await
+                replay::replay(&streams, &org, name, window, &rows, &tx, &stop).await
             })
         };
         let written = self

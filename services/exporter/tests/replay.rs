@@ -166,15 +166,21 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
     let kind = export_types(Some(&json!(["ACCOUNTS"]))).unwrap()[0];
     let rows = RowFormat::new(kind, Format::Jsonl, None);
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    // The window's two parts are read on two connections, as the exporter
+    // reads them.
+    let second = jetstream::new(async_nats::connect(nats.url()).await.unwrap())
+        .get_stream(subjects::ENTITIES_STREAM)
+        .await
+        .unwrap();
     let reader = {
-        let stream = stream.clone();
+        let streams = [stream.clone(), second];
         tokio::spawn(async move {
             let window = Window {
                 from: Some(from),
                 to,
             };
             replay(
-                &stream,
+                &streams,
                 ORG,
                 "account",
                 window,
