@@ -738,15 +738,27 @@ mod spill {
 
 /// Bits of each of the two filters of [`Repeats`]: 2 MiB each.
 const FILTER_BITS: u64 = 1 << 24;
+/// A subject's bits all lie in one block of this many 64-bit words (a
+/// cache line), so a look-up touches one line, not three.
+const BLOCK_WORDS: usize = 8;
 
 /// Which subjects occur more than once in a window, approximately and in
 /// fixed memory: two Bloom filters, of subjects seen and of subjects seen
 /// again. A subject not in the second occurs once (no false negatives); one
 /// in it may be checked for nothing (false positives, rare below a few
-/// million changes, then more checks, never wrong rows).
+/// million changes, then more checks, never wrong rows). Each filter is
+/// blocked: a subject's three bits are in one cache line of it.
 struct Repeats {
     seen: Vec<u64>,
     again: Vec<u64>,
+}
+
+/// Where a subject's bits are: the first word of its block, and the bit
+/// of each of three words of the block.
+#[derive(Clone, Copy)]
+struct Bits {
+    block: usize,
+    words: [(usize, u64); 3],
 }
 
 impl Repeats {
@@ -758,28 +770,34 @@ impl Repeats {
         }
     }
 
-    fn bits(subject: &str) -> [u64; 3] {
-        use std::hash::{BuildHasher, BuildHasherDefault};
-        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .hash_one(subject);
-        let step = h.rotate_left(32) | 1;
-        [0u64, 1, 2].map(|i| h.wrapping_add(i.wrapping_mul(step)) % FILTER_BITS)
+    fn bits(subject: &str) -> Bits {
+        use std::hash::BuildHasher;
+        let h = foldhash::quality::FixedState::with_seed(0x6d65_7465_726c_696e).hash_one(subject);
+        let blocks = FILTER_BITS as usize / 64 / BLOCK_WORDS;
+        // The high bits pick the block, 9 bits each a word and its bit.
+        let block = ((h >> 32) as usize % blocks) * BLOCK_WORDS;
+        let words = [0u32, 9, 18].map(|shift| {
+            let b = (h >> shift) as usize & 511;
+            (b / 64, 1u64 << (b % 64))
+        });
+        Bits { block, words }
     }
 
-    fn contains(filter: &[u64], bits: &[u64; 3]) -> bool {
-        bits.iter()
-            .all(|b| filter[(b / 64) as usize] & (1 << (b % 64)) != 0)
+    fn contains(filter: &[u64], bits: Bits) -> bool {
+        let block = &filter[bits.block..bits.block + BLOCK_WORDS];
+        bits.words.iter().all(|&(w, bit)| block[w] & bit != 0)
     }
 
     fn insert(&mut self, subject: &str) {
         let bits = Self::bits(subject);
-        let filter = if Self::contains(&self.seen, &bits) {
+        let filter = if Self::contains(&self.seen, bits) {
             &mut self.again
         } else {
             &mut self.seen
         };
-        for b in bits {
-            filter[(b / 64) as usize] |= 1 << (b % 64);
+        let block = &mut filter[bits.block..bits.block + BLOCK_WORDS];
+        for (w, bit) in bits.words {
+            block[w] |= bit;
         }
     }
 
@@ -794,7 +812,7 @@ impl Repeats {
     }
 
     fn maybe_repeated(&self, subject: &str) -> bool {
-        Self::contains(&self.again, &Self::bits(subject))
+        Self::contains(&self.again, Self::bits(subject))
     }
 }
 
