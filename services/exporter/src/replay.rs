@@ -472,17 +472,10 @@ async fn read_segment(
     rows: &RowFormat,
     cancel: &CancellationToken,
 ) -> Result<Option<(spill::Writer, Repeats)>, ReplayError> {
-    // Nothing of this type here: no consumer (it would wait for one).
-    if next_of(stream, filter, from + 1)
-        .await?
-        .is_none_or(|m| m.sequence > to)
-    {
-        return Ok(None);
-    }
     let mut lines = Lines::default();
     let mut repeats = Repeats::new();
     let mut spill = spill::Writer::new().await?;
-    with_replay(
+    let read = with_replay(
         stream,
         filter,
         DeliverPolicy::ByStartSequence {
@@ -490,12 +483,19 @@ async fn read_segment(
         },
         "incremental export",
         segment_batch(to - from),
-        async |_, messages| {
+        async |pending, messages| {
+            // Nothing of the type from here on: nothing to wait for. (Of
+            // the type only after the part: its first message ends it.)
+            if pending == 0 {
+                return Ok(false);
+            }
+            let mut read = false;
             loop {
                 let (msg, seq, pending) = next_message(messages, cancel).await?;
                 if seq > to {
                     break;
                 }
+                read = true;
                 repeats.insert(msg.subject.as_str());
                 // A version with no lines (not modified since the job's
                 // start date, or of an unknown action) is not spilled; its
@@ -512,11 +512,11 @@ async fn read_segment(
                     break;
                 }
             }
-            Ok(())
+            Ok(read)
         },
     )
     .await?;
-    Ok(Some((spill, repeats)))
+    Ok(read.then_some((spill, repeats)))
 }
 
 /// The pull batch of a segment `span` sequences long. The server keeps
