@@ -77,12 +77,18 @@ pub trait Destination: Send + Sync {
     async fn read(&self, key: &str) -> Result<Option<Vec<u8>>, DeliveryError>;
 }
 
+/// The SHA-256 of an object's bytes.
+pub type Sha256Digest = [u8; 32];
+
 /// An object being written.
 #[async_trait]
 pub trait Upload: Send {
     async fn write(&mut self, chunk: Bytes) -> Result<(), DeliveryError>;
-    /// Completes the object and returns its URI.
-    async fn finish(self: Box<Self>) -> Result<String, DeliveryError>;
+    /// Completes the object and returns its URI. `sha256` is the digest of
+    /// every byte written: the writer hashes them anyway (for the
+    /// manifest), so a store that records a digest takes it from here
+    /// instead of hashing the bytes again.
+    async fn finish(self: Box<Self>, sha256: Sha256Digest) -> Result<String, DeliveryError>;
     /// Gives up: nothing becomes visible (best effort).
     async fn abort(self: Box<Self>);
 }
@@ -471,7 +477,7 @@ impl Upload for S3Upload {
         Ok(())
     }
 
-    async fn finish(mut self: Box<Self>) -> Result<String, DeliveryError> {
+    async fn finish(mut self: Box<Self>, _sha256: Sha256Digest) -> Result<String, DeliveryError> {
         let target = self.target();
         if self.upload_id.is_none() {
             let body = std::mem::take(&mut self.buf);
@@ -592,7 +598,7 @@ impl Destination for ObjectStore {
         key: &str,
         _content_type: &str,
     ) -> Result<Box<dyn Upload>, DeliveryError> {
-        let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+        let (tx, rx) = mpsc::channel::<Piece>(4);
         let put = ObjectPut {
             js: self.js.clone(),
             bucket: self.bucket.clone(),
@@ -663,10 +669,7 @@ impl ObjectPut {
         ))
     }
 
-    async fn run(
-        self,
-        chunks: mpsc::Receiver<std::io::Result<Bytes>>,
-    ) -> Result<(), DeliveryError> {
+    async fn run(self, chunks: mpsc::Receiver<Piece>) -> Result<(), DeliveryError> {
         let nuid = uuid::Uuid::new_v4().simple().to_string();
         let chunk_subject = self.chunk_subject(&nuid);
         let result = self.write(&chunk_subject, &nuid, chunks).await;
@@ -686,28 +689,27 @@ impl ObjectPut {
         &self,
         chunk_subject: &str,
         nuid: &str,
-        mut chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+        mut chunks: mpsc::Receiver<Piece>,
     ) -> Result<(), DeliveryError> {
         use base64::Engine;
         use futures::StreamExt;
-        use sha2::Digest;
         let existing = self.store.info(&self.name).await.ok();
         let mut acks = futures::stream::FuturesOrdered::new();
-        let mut hash = sha2::Sha256::new();
         let (mut size, mut count) = (0usize, 0usize);
         let chunk_size = chunk_bytes(&self.js);
         let mut pending = bytes::BytesMut::with_capacity(chunk_size);
-        let mut ended = false;
-        while !ended {
+        let mut digest = None;
+        while digest.is_none() {
             match chunks.next().await {
-                Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
-                Some(Err(e)) => return Err(self.failed(e)),
-                None => ended = true,
+                Some(Piece::Data(bytes)) => pending.extend_from_slice(&bytes),
+                Some(Piece::End(d)) => digest = Some(d),
+                Some(Piece::Abort) => return Err(self.failed("upload aborted")),
+                None => return Err(self.failed("the upload was dropped unfinished")),
             }
+            let ended = digest.is_some();
             while pending.len() >= chunk_size || (ended && !pending.is_empty()) {
                 let n = pending.len().min(chunk_size);
                 let chunk = pending.split_to(n).freeze();
-                hash.update(&chunk);
                 size += chunk.len();
                 count += 1;
                 let ack = self
@@ -735,7 +737,7 @@ impl ObjectPut {
             "mtime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             "digest": format!(
                 "SHA-256={}",
-                base64::engine::general_purpose::URL_SAFE.encode(hash.finalize())
+                base64::engine::general_purpose::URL_SAFE.encode(digest.unwrap_or_default())
             ),
             "options": {"max_chunk_size": chunk_size},
         });
@@ -759,9 +761,18 @@ impl ObjectPut {
     }
 }
 
+/// What an [`ObjectUpload`] hands its put: bytes, then the end with the
+/// object's digest, or an abort. A put whose sender goes away without
+/// either stores nothing.
+enum Piece {
+    Data(Bytes),
+    End(Sha256Digest),
+    Abort,
+}
+
 struct ObjectUpload {
     name: String,
-    tx: Option<mpsc::Sender<std::io::Result<Bytes>>>,
+    tx: Option<mpsc::Sender<Piece>>,
     task: Option<tokio::task::JoinHandle<Result<(), DeliveryError>>>,
 }
 
@@ -781,7 +792,7 @@ impl ObjectUpload {
 impl Upload for ObjectUpload {
     async fn write(&mut self, chunk: Bytes) -> Result<(), DeliveryError> {
         let sent = match &mut self.tx {
-            Some(tx) => tx.send(Ok(chunk)).await.is_ok(),
+            Some(tx) => tx.send(Piece::Data(chunk)).await.is_ok(),
             None => false,
         };
         if sent {
@@ -793,16 +804,18 @@ impl Upload for ObjectUpload {
         Err(DeliveryError(format!("writing {} stopped", self.name)))
     }
 
-    async fn finish(mut self: Box<Self>) -> Result<String, DeliveryError> {
-        self.tx = None;
+    async fn finish(mut self: Box<Self>, sha256: Sha256Digest) -> Result<String, DeliveryError> {
+        if let Some(mut tx) = self.tx.take() {
+            // If the put ended early, its outcome says why.
+            let _ = tx.send(Piece::End(sha256)).await;
+        }
         self.outcome().await?;
         Ok(object_store_uri(&self.name))
     }
 
     async fn abort(mut self: Box<Self>) {
         if let Some(mut tx) = self.tx.take() {
-            // An error ends the put without storing the object.
-            let _ = tx.send(Err(std::io::Error::other("upload aborted"))).await;
+            let _ = tx.send(Piece::Abort).await;
         }
         let _ = self.outcome().await;
     }

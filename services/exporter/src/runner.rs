@@ -41,7 +41,9 @@ use meterline_shared::exportjob::{
 use meterline_shared::seal::{self, Sealer};
 use meterline_shared::{subjects, ErrorCode, ServiceError};
 
-use crate::destination::{self, DeliveryError, Destination, PartitionOrder, Upload, S3};
+use crate::destination::{
+    self, DeliveryError, Destination, PartitionOrder, Sha256Digest, Upload, S3,
+};
 use crate::format::{Encoder, Format};
 use crate::jobs::{Cursor, Jobs};
 use crate::replay::{self, ReplayError, Window};
@@ -781,11 +783,12 @@ impl Runner {
             let key = manifest_key(dest.prefix(), &req.org_id, &req.job_id);
             let mut up = dest.begin(&key, "application/json").await?;
             let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
+            let digest: Sha256Digest = Sha256::digest(&body).into();
             if let Err(e) = up.write(body).await {
                 up.abort().await;
                 return Err(e.into());
             }
-            up.finish().await?;
+            up.finish(digest).await?;
         }
         Ok(all)
     }
@@ -986,8 +989,9 @@ impl PartWriter {
         progress.add(0, last.len() as u64);
         self.write(Bytes::from(last)).await?;
         let rows = self.rows;
-        let sha = hex(&self.hash.finalize());
-        let uris = try_join_all(self.uploads.into_iter().map(|u| u.finish())).await?;
+        let digest: Sha256Digest = self.hash.finalize().into();
+        let sha = hex(&digest);
+        let uris = try_join_all(self.uploads.into_iter().map(|u| u.finish(digest))).await?;
         let files = uris
             .into_iter()
             .map(|uri| ExportFile {

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use meterline_exporter::destination::{Destination, ObjectStore, S3Config, MIN_PART_BYTES, S3};
 use meterline_shared::provision;
 use meterline_shared::testkit::{NatsServer, S3Server};
+use sha2::{Digest, Sha256};
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -23,7 +24,7 @@ async fn put(dest: &dyn Destination, key: &str, data: &[u8], chunk: usize) -> St
     if data.is_empty() {
         up.write(Bytes::new()).await.unwrap();
     }
-    up.finish().await.unwrap()
+    up.finish(Sha256::digest(data).into()).await.unwrap()
 }
 
 /// The behaviour every destination must have.
@@ -139,11 +140,14 @@ async fn first_error(dest: &dyn Destination) -> String {
     if let Err(e) = up.write(Bytes::from_static(b"x")).await {
         return e.0;
     }
-    tokio::time::timeout(Duration::from_secs(60), up.finish())
-        .await
-        .expect("the failure shows in time")
-        .expect_err("the upload must fail")
-        .0
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        up.finish(Sha256::digest(b"x").into()),
+    )
+    .await
+    .expect("the failure shows in time")
+    .expect_err("the upload must fail")
+    .0
 }
 
 #[tokio::test]
