@@ -7,7 +7,7 @@
 //! export to the local download store (`export_files`) and one to an S3
 //! server (`s3s-fs`, real HTTP), then `BENCH_EXPORT_CHANGES` updates
 //! (default 100,000) and the incremental export of that window to each.
-//! Each export runs `BENCH_EXPORT_RUNS` times (default 3; one schedule per
+//! Each export runs `BENCH_EXPORT_RUNS` times (default 5; one schedule per
 //! run, so each covers the same window from its own cursor). A figure is
 //! the fastest run's rows over its wall time (from the request's publish
 //! to its record becoming `SUCCEEDED`), beside the fastest of raw ordered
@@ -385,7 +385,7 @@ fn rate(r: (u64, Duration)) -> f64 {
 pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     let n = env_usize("BENCH_EXPORT_ENTITIES", 1_000_000);
     let changes = env_usize("BENCH_EXPORT_CHANGES", 100_000).min(n);
-    let runs = env_usize("BENCH_EXPORT_RUNS", 3).max(1);
+    let runs = env_usize("BENCH_EXPORT_RUNS", 5).max(1);
     let client = nats.client().await;
     // A long ack timeout: the bulk writes below keep many publishes in
     // flight on a machine that flushes every write to disk.
