@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use meterline_shared::envelope::{Action, EntityEvent};
 use meterline_shared::exportjob::{job_key, ExportJobRecord, ExportJobRequest, JobStatus, Trigger};
 use meterline_shared::seal::Sealer;
-use meterline_shared::testkit::{NatsServer, Running, S3Server};
+use meterline_shared::testkit::{events_caught_up, eventually, NatsServer, Running, S3Server};
 use meterline_shared::{provision, subjects};
 
 use crate::{env_usize, Row};
@@ -358,24 +358,18 @@ impl Bench<'_> {
 }
 
 /// Waits until `EVENTS` has copied every `ENTITIES` message written so
-/// far (it sources them on its own time, and a server still copying
-/// would be measured with whatever runs beside it); prints how long that
-/// took.
-async fn sourced(js: &jetstream::Context, what: &str) -> anyhow::Result<()> {
+/// far (a server still copying would be measured with whatever runs
+/// beside it); prints how long that took.
+async fn sourced(js: &jetstream::Context, what: &str) {
     let t = Instant::now();
-    let mut events = js.get_stream(subjects::EVENTS_STREAM).await?;
-    loop {
-        let info = events.info().await?;
-        if info.sources.iter().all(|s| s.lag == 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(1800), "EVENTS to copy ENTITIES", || {
+        events_caught_up(js)
+    })
+    .await;
     println!(
         "exports: EVENTS had copied the {what} {:.1}s after they were written",
         t.elapsed().as_secs_f64()
     );
-    Ok(())
 }
 
 fn rate(r: (u64, Duration)) -> f64 {
@@ -477,7 +471,7 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         "exports: {n} accounts written to ENTITIES in {:.1}s ({sample} bytes each)",
         t.elapsed().as_secs_f64()
     );
-    sourced(&js, "accounts").await?;
+    sourced(&js, "accounts").await;
     let filter = subjects::entity_type_filter(ORG, "account");
     let mut out = Vec::new();
 
@@ -532,7 +526,7 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
         "exports: {changes} updates written in {:.1}s",
         t.elapsed().as_secs_f64()
     );
-    sourced(&js, "updates").await?;
+    sourced(&js, "updates").await;
     let from = first.to_sequence.unwrap_or(0) + 1;
     let last = entities.get_info().await?.state.last_sequence;
     if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {

@@ -332,6 +332,31 @@ where
     }
 }
 
+/// `Some` once `EVENTS` holds a copy of every `ENTITIES` message: it
+/// sources them on its own time, so tests and benches wait for this before
+/// looking at what follows an entity change. Both counts are the server's
+/// (the stream's messages, and what a fresh consumer of the entity events
+/// has pending), so it costs two requests however many entities there are.
+pub async fn events_caught_up(js: &async_nats::jetstream::Context) -> Option<()> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let mut entities = js.get_stream(crate::subjects::ENTITIES_STREAM).await.ok()?;
+    let changes = entities.info().await.ok()?.state.messages;
+    let events = js.get_stream(crate::subjects::EVENTS_STREAM).await.ok()?;
+    let consumer = events
+        .create_consumer(pull::Config {
+            filter_subject: "evt.*.entity.>".into(),
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    let info = consumer.cached_info();
+    let sourced = info.num_pending;
+    let _ = events.delete_consumer(&info.name).await;
+    (sourced >= changes).then_some(())
+}
+
 /// A service running in this process until stopped: what tests and benches
 /// hold for each `App::run_until_stopped` they start.
 pub struct Running {

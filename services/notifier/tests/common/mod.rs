@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use meterline_shared::protocol::EntityRequest;
-use meterline_shared::testkit::{eventually, Entities, NatsServer, Running};
+use meterline_shared::testkit::{self, eventually, Entities, NatsServer, Running};
 use meterline_shared::{bus, subjects, ServiceError};
 
 pub const ORG: &str = "org-n";
@@ -251,21 +251,10 @@ impl World {
         eventually(WAIT, "events handled and deliveries settled", || {
             let js = js.clone();
             async move {
+                // Every entity change must be on EVENTS before the
+                // notifier can have handled it.
+                testkit::events_caught_up(&js).await?;
                 let mut events = js.get_stream(subjects::EVENTS_STREAM).await.ok()?;
-                // EVENTS sources ENTITIES on its own time: every entity
-                // change must be on EVENTS before the notifier can have
-                // handled it.
-                let mut entities = js.get_stream(subjects::ENTITIES_STREAM).await.ok()?;
-                let changes = entities.info().await.ok()?.state.messages;
-                let mut sourced = 0u64;
-                let mut counts = events.info_with_subjects("evt.*.entity.>").await.ok()?;
-                while let Some(c) = futures::StreamExt::next(&mut counts).await {
-                    sourced += c.ok()?.1 as u64;
-                }
-                drop(counts);
-                if sourced < changes {
-                    return None;
-                }
                 let mut consumer: jetstream::consumer::PullConsumer =
                     events.get_consumer("notifier").await.ok()?;
                 let info = consumer.info().await.ok()?;
