@@ -472,10 +472,7 @@ async fn read_segment(
     rows: &RowFormat,
     cancel: &CancellationToken,
 ) -> Result<Option<(spill::Writer, Repeats)>, ReplayError> {
-    let mut lines = Lines::default();
-    let mut repeats = Repeats::new();
-    let mut spill = spill::Writer::new().await?;
-    let read = with_replay(
+    with_replay(
         stream,
         filter,
         DeliverPolicy::ByStartSequence {
@@ -487,15 +484,20 @@ async fn read_segment(
             // Nothing of the type from here on: nothing to wait for. (Of
             // the type only after the part: its first message ends it.)
             if pending == 0 {
-                return Ok(false);
+                return Ok(None);
             }
-            let mut read = false;
+            // The spill file and filters, from the part's first version.
+            let mut part: Option<(spill::Writer, Repeats)> = None;
+            let mut lines = Lines::default();
             loop {
                 let (msg, seq, pending) = next_message(messages, cancel).await?;
                 if seq > to {
                     break;
                 }
-                read = true;
+                let (spill, repeats) = match &mut part {
+                    Some(p) => p,
+                    None => part.insert((spill::Writer::new().await?, Repeats::new())),
+                };
                 repeats.insert(msg.subject.as_str());
                 // A version with no lines (not modified since the job's
                 // start date, or of an unknown action) is not spilled; its
@@ -512,11 +514,10 @@ async fn read_segment(
                     break;
                 }
             }
-            Ok(read)
+            Ok(part)
         },
     )
-    .await?;
-    Ok(read.then_some((spill, repeats)))
+    .await
 }
 
 /// The pull batch of a segment `span` sequences long. The server keeps
