@@ -206,8 +206,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl Runner {
-    /// `readers`: `ENTITIES` on the connections replays read on; none = on
-    /// `entities`'.
+    /// `readers`: `ENTITIES` on the connections replays read on.
     pub fn new(
         js: jetstream::Context,
         entities: jetstream::stream::Stream,
@@ -220,11 +219,7 @@ impl Runner {
         Runner {
             inner: Arc::new(Inner {
                 js,
-                readers: if readers.is_empty() {
-                    vec![entities.clone()].into()
-                } else {
-                    readers.into()
-                },
+                readers: readers.into(),
                 entities,
                 jobs,
                 files,
