@@ -698,16 +698,17 @@ impl ObjectPut {
         let (mut size, mut count) = (0usize, 0usize);
         let chunk_size = chunk_bytes(&self.js);
         let mut pending = bytes::BytesMut::with_capacity(chunk_size);
-        let mut digest = None;
-        while digest.is_none() {
-            match chunks.next().await {
-                Some(Piece::Data(bytes)) => pending.extend_from_slice(&bytes),
-                Some(Piece::End(d)) => digest = Some(d),
+        let digest = loop {
+            let end = match chunks.next().await {
+                Some(Piece::Data(bytes)) => {
+                    pending.extend_from_slice(&bytes);
+                    None
+                }
+                Some(Piece::End(d)) => Some(d),
                 Some(Piece::Abort) => return Err(self.failed("upload aborted")),
                 None => return Err(self.failed("the upload was dropped unfinished")),
-            }
-            let ended = digest.is_some();
-            while pending.len() >= chunk_size || (ended && !pending.is_empty()) {
+            };
+            while pending.len() >= chunk_size || (end.is_some() && !pending.is_empty()) {
                 let n = pending.len().min(chunk_size);
                 let chunk = pending.split_to(n).freeze();
                 size += chunk.len();
@@ -724,7 +725,10 @@ impl ObjectPut {
                     }
                 }
             }
-        }
+            if let Some(digest) = end {
+                break digest;
+            }
+        };
         while let Some(ack) = acks.next().await {
             ack.map_err(|e| self.failed(e))?;
         }
@@ -737,7 +741,7 @@ impl ObjectPut {
             "mtime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             "digest": format!(
                 "SHA-256={}",
-                base64::engine::general_purpose::URL_SAFE.encode(digest.unwrap_or_default())
+                base64::engine::general_purpose::URL_SAFE.encode(digest)
             ),
             "options": {"max_chunk_size": chunk_size},
         });
