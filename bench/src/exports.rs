@@ -149,11 +149,8 @@ async fn probe(
     let reader = tokio::spawn(async move {
         replay(&s, ORG, "account", Window { from, to }, &rows, &tx, &cancel).await
     });
-    let mut n = 0u64;
-    while let Some(batch) = rx.recv().await {
-        n += batch.len() as u64;
-    }
-    reader.await??;
+    while rx.recv().await.is_some() {}
+    let n = reader.await??;
     println!(
         "probe: replay into lines of {n} rows on {on}: {:.0} rows/s",
         n as f64 / t.elapsed().as_secs_f64()

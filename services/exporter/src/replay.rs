@@ -195,8 +195,23 @@ fn row_for(action: Action, payload: Bytes) -> Row {
     }
 }
 
+/// What a replay sends the file writer.
+#[derive(Debug)]
+pub enum Piece {
+    /// Lines of rows, in order.
+    Lines(Vec<Bytes>),
+    /// The lines from here on are tentative until `Settled` or `Void`: the
+    /// writer makes no part of the file visible meanwhile.
+    Tentative,
+    /// The tentative lines stand.
+    Settled,
+    /// Every line sent so far is withdrawn: the writer starts the file
+    /// over, and the lines that follow are the whole of it.
+    Void,
+}
+
 /// Sends the lines of every row of `entity_type` in `window`, as `rows`
-/// makes them, to `lines`; returns how many.
+/// makes them, to `lines`; returns how many stand.
 ///
 /// `streams` are handles on `ENTITIES`, best each on its own connection:
 /// the parts of a large window are read one on each (a client parses what
@@ -208,7 +223,7 @@ pub async fn replay(
     entity_type: &str,
     window: Window,
     rows: &RowFormat,
-    lines: &mpsc::Sender<Vec<Bytes>>,
+    lines: &mpsc::Sender<Piece>,
     cancel: &CancellationToken,
 ) -> Result<u64, ReplayError> {
     let mut out = Out {
@@ -233,7 +248,7 @@ pub async fn replay(
 
 /// Lines on their way to the writer, sent a batch at a time.
 struct Out<'a> {
-    tx: &'a mpsc::Sender<Vec<Bytes>>,
+    tx: &'a mpsc::Sender<Piece>,
     rows: &'a RowFormat,
     /// Lines of rows encoded here, not yet in `ready`.
     encoded: Lines,
@@ -245,6 +260,15 @@ impl Out<'_> {
     /// Encodes `row` and sends its lines on.
     async fn push(&mut self, row: Row) -> Result<(), ReplayError> {
         self.rows.lines(row, &mut self.encoded);
+        if self.encoded.len() + self.ready.len() >= BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends lines encoded here before on.
+    async fn push_encoded(&mut self, lines: &Lines) -> Result<(), ReplayError> {
+        self.encoded.append(lines);
         if self.encoded.len() + self.ready.len() >= BATCH {
             self.flush().await?;
         }
@@ -268,8 +292,21 @@ impl Out<'_> {
         }
         let batch = std::mem::replace(&mut self.ready, Vec::with_capacity(BATCH));
         self.sent += batch.len() as u64;
+        self.send(Piece::Lines(batch)).await
+    }
+
+    /// Sends the lines so far on, then `mark` (not lines).
+    async fn mark(&mut self, mark: Piece) -> Result<(), ReplayError> {
+        self.flush().await?;
+        if matches!(mark, Piece::Void) {
+            self.sent = 0;
+        }
+        self.send(mark).await
+    }
+
+    async fn send(&mut self, piece: Piece) -> Result<(), ReplayError> {
         self.tx
-            .send(batch)
+            .send(piece)
             .await
             .map_err(|_| ReplayError::WriterGone)
     }
@@ -367,13 +404,35 @@ async fn incremental(
     }
     let filter = subjects::entity_type_filter(org, entity_type);
     let reading = std::time::Instant::now();
-    let (spills, repeats) = read_window(streams, &filter, from, to, out.rows, cancel).await?;
+    // The first part's lines go out as they are read, tentatively: most
+    // versions in a window are their entity's only one, and the file then
+    // need not wait for the whole window to start.
+    out.mark(Piece::Tentative).await?;
+    let (parts, repeats) = read_window(streams, &filter, from, to, out, cancel).await?;
     let stream = &streams[0];
     tracing::debug!(
         filter,
         seconds = reading.elapsed().as_secs_f64(),
         "window read into the spill files"
     );
+    let live = parts.first().map_or(0, |p| p.live);
+    let mut spills = Vec::with_capacity(parts.len());
+    for part in parts {
+        spills.push(part.spill.read().await?);
+    }
+    // The lines sent as they were read stand if none of their versions
+    // has a later one in the window; the first record read back after
+    // them is where the rest starts. Else the file starts over.
+    if live > 0 && !stands(&mut spills[0], live, &repeats, stream, to, cancel).await? {
+        tracing::debug!(
+            filter,
+            "a version sent as read has a later one: starting over"
+        );
+        spills[0].rewind()?;
+        out.mark(Piece::Void).await?;
+    } else {
+        out.mark(Piece::Settled).await?;
+    }
     let mut versions = spill::Versions::new(spills);
     // Each version waits in its check, so they come out in order.
     let mut checks = futures::stream::FuturesOrdered::new();
@@ -416,6 +475,39 @@ async fn incremental(
     Ok(())
 }
 
+/// Whether none of the first `count` versions of `spill` has a later
+/// version in the window (up to `to`); reads exactly those records when
+/// none has.
+async fn stands(
+    spill: &mut spill::Reader,
+    count: u64,
+    repeats: &Repeats,
+    stream: &Stream,
+    to: u64,
+    cancel: &CancellationToken,
+) -> Result<bool, ReplayError> {
+    let mut checks = futures::stream::FuturesUnordered::new();
+    let mut read = 0;
+    while read < count || !checks.is_empty() {
+        while read < count && checks.len() < CHECKS_IN_FLIGHT {
+            if cancel.is_cancelled() {
+                return Err(ReplayError::Stopped);
+            }
+            let v = spill.next().await?.ok_or_else(spill::damaged)?;
+            read += 1;
+            if repeats.maybe_repeated(&v.subject) {
+                checks.push(async move { superseded(stream, &v.subject, v.seq, to).await });
+            }
+        }
+        if let Some(later) = checks.next().await {
+            if later? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// Windows of at least this many sequences are read in [`SEGMENTS`] parts.
 const SEGMENT_MIN: u64 = 1_000;
 /// How many consumers read a large window at once, each its own part of
@@ -424,33 +516,46 @@ const SEGMENT_MIN: u64 = 1_000;
 /// how many connections an exporter reads `ENTITIES` on.
 pub const SEGMENTS: u64 = 2;
 
+/// One part of a window, read.
+struct Part {
+    /// Its versions' lines, in order.
+    spill: spill::Writer,
+    /// How many of its first versions were also sent on as they were read.
+    live: u64,
+}
+
 /// Reads the window once, filtered to the type, encodes each version into
 /// its lines, and writes those into spill files on local disk (one per
-/// segment of the window, in order), and the subjects into a [`Repeats`].
+/// part of the window, in order), and the subjects into a [`Repeats`].
 /// Whether a version is its entity's last in the window is only known once
 /// the whole window has been read; the spill files let the second look be
 /// a local read of finished lines instead of a second replay from the bus.
 /// Their size is about the window's, on disk; memory stays constant.
+///
+/// The first part also sends its lines on to `out` as it reads them,
+/// until one of its entities comes again (then that speculation is lost).
 async fn read_window(
     streams: &[Stream],
     filter: &str,
     from: u64,
     to: u64,
-    rows: &RowFormat,
+    out: &mut Out<'_>,
     cancel: &CancellationToken,
-) -> Result<(Vec<spill::Writer>, Repeats), ReplayError> {
+) -> Result<(Vec<Part>, Repeats), ReplayError> {
     let segments = if to - from >= SEGMENT_MIN {
         SEGMENTS
     } else {
         1
     };
     let step = (to - from).div_ceil(segments);
+    let rows = out.rows;
+    let mut live = Some(out);
     let reads = (0..segments)
         .map(|i| (from + i * step, (from + (i + 1) * step).min(to)))
         .filter(|(a, b)| a < b)
         .zip(streams.iter().cycle())
-        .map(|((a, b), stream)| read_segment(stream, filter, a, b, rows, cancel));
-    let (spills, seen): (Vec<_>, Vec<_>) = futures::future::try_join_all(reads)
+        .map(|((a, b), stream)| read_segment(stream, filter, a, b, rows, live.take(), cancel));
+    let (parts, seen): (Vec<_>, Vec<_>) = futures::future::try_join_all(reads)
         .await?
         .into_iter()
         .flatten()
@@ -459,19 +564,21 @@ async fn read_window(
         .into_iter()
         .reduce(Repeats::union)
         .unwrap_or_else(Repeats::new);
-    Ok((spills, repeats))
+    Ok((parts, repeats))
 }
 
 /// Reads the part `(from, to]` of a window (see [`read_window`]); `None`
-/// if it holds nothing of the type.
+/// if it holds nothing of the type. With `live`, each version's lines are
+/// also sent there as read, until an entity of the part comes again.
 async fn read_segment(
     stream: &Stream,
     filter: &str,
     from: u64,
     to: u64,
     rows: &RowFormat,
+    mut live: Option<&mut Out<'_>>,
     cancel: &CancellationToken,
-) -> Result<Option<(spill::Writer, Repeats)>, ReplayError> {
+) -> Result<Option<(Part, Repeats)>, ReplayError> {
     with_replay(
         stream,
         filter,
@@ -487,18 +594,26 @@ async fn read_segment(
                 return Ok(None);
             }
             // The spill file and filters, from the part's first version.
-            let mut part: Option<(spill::Writer, Repeats)> = None;
+            let mut part: Option<(Part, Repeats)> = None;
             let mut lines = Lines::default();
             loop {
                 let (msg, seq, pending) = next_message(messages, cancel).await?;
                 if seq > to {
                     break;
                 }
-                let (spill, repeats) = match &mut part {
+                let (part, repeats) = match &mut part {
                     Some(p) => p,
-                    None => part.insert((spill::Writer::new().await?, Repeats::new())),
+                    None => {
+                        let spill = spill::Writer::new().await?;
+                        part.insert((Part { spill, live: 0 }, Repeats::new()))
+                    }
                 };
-                repeats.insert(msg.subject.as_str());
+                // An entity seen before in the part: its earlier version,
+                // sent, is (most likely) superseded; the rest waits for
+                // the checks.
+                if repeats.insert(msg.subject.as_str()) {
+                    live = None;
+                }
                 // A version with no lines (not modified since the job's
                 // start date, or of an unknown action) is not spilled; its
                 // entity still counts as seen, so its earlier versions are
@@ -507,7 +622,11 @@ async fn read_segment(
                     lines.clear();
                     rows.lines(row_for(action, msg.payload.clone()), &mut lines);
                     if !lines.is_empty() {
-                        spill.push(seq, msg.subject.as_str(), &lines).await?;
+                        part.spill.push(seq, msg.subject.as_str(), &lines).await?;
+                        if let Some(out) = live.as_deref_mut() {
+                            out.push_encoded(&lines).await?;
+                            part.live += 1;
+                        }
                     }
                 }
                 if pending == 0 || seq == to {
@@ -546,7 +665,7 @@ mod spill {
     //! unnamed temporary file (in `TMPDIR`): it disappears when closed,
     //! also after a crash.
 
-    use std::io::Read;
+    use std::io::{Read, Seek};
 
     use bytes::BytesMut;
     use tokio::io::{AsyncSeekExt, AsyncWriteExt};
@@ -637,12 +756,12 @@ mod spill {
 
     /// The versions of several spill files, one file after the other.
     pub struct Versions {
-        files: std::vec::IntoIter<Writer>,
+        files: std::vec::IntoIter<Reader>,
         current: Option<Reader>,
     }
 
     impl Versions {
-        pub fn new(files: Vec<Writer>) -> Versions {
+        pub fn new(files: Vec<Reader>) -> Versions {
             Versions {
                 files: files.into_iter(),
                 current: None,
@@ -657,11 +776,15 @@ mod spill {
                     }
                 }
                 match self.files.next() {
-                    Some(w) => self.current = Some(w.read().await?),
+                    Some(r) => self.current = Some(r),
                     None => return Ok(None),
                 }
             }
         }
+    }
+
+    pub fn damaged() -> ReplayError {
+        ReplayError::Spill("the spill file is damaged".into())
     }
 
     fn u32_at(b: &[u8], at: usize) -> usize {
@@ -692,8 +815,16 @@ mod spill {
             Ok(self.buf.len() >= need)
         }
 
-        fn damaged() -> ReplayError {
-            ReplayError::Spill("the spill file is damaged".into())
+        /// Back to the first record.
+        pub fn rewind(&mut self) -> Result<(), ReplayError> {
+            let file = self
+                .file
+                .as_mut()
+                .ok_or_else(|| ReplayError::Spill("the spill file is closed".into()))?;
+            file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+            self.buf.clear();
+            self.eof = false;
+            Ok(())
         }
 
         pub async fn next(&mut self) -> Result<Option<Spilled>, ReplayError> {
@@ -701,7 +832,7 @@ mod spill {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
-                    Err(Self::damaged())
+                    Err(damaged())
                 };
             }
             let subject_len = u16::from_le_bytes([self.buf[8], self.buf[9]]) as usize;
@@ -710,20 +841,20 @@ mod spill {
             let ends_at = HEAD + subject_len;
             let body_at = ends_at + 4 * count;
             if !self.fill(body_at + total).await? {
-                return Err(Self::damaged());
+                return Err(damaged());
             }
             let record = self.buf.split_to(body_at + total).freeze();
             let mut seq = [0u8; 8];
             seq.copy_from_slice(&record[..8]);
             let subject = std::str::from_utf8(&record[HEAD..ends_at])
-                .map_err(|_| Self::damaged())?
+                .map_err(|_| damaged())?
                 .to_owned();
             let mut lines = Vec::with_capacity(count);
             let mut start = 0;
             for i in 0..count {
                 let end = u32_at(&record, ends_at + 4 * i);
                 if end < start || end > total {
-                    return Err(Self::damaged());
+                    return Err(damaged());
                 }
                 lines.push(record.slice(body_at + start..body_at + end));
                 start = end;
@@ -789,9 +920,11 @@ impl Repeats {
         bits.words.iter().all(|&(w, bit)| block[w] & bit != 0)
     }
 
-    fn insert(&mut self, subject: &str) {
+    /// Adds `subject`; whether it may have been seen before.
+    fn insert(&mut self, subject: &str) -> bool {
         let bits = Self::bits(subject);
-        let filter = if Self::contains(&self.seen, bits) {
+        let again = Self::contains(&self.seen, bits);
+        let filter = if again {
             &mut self.again
         } else {
             &mut self.seen
@@ -800,6 +933,7 @@ impl Repeats {
         for (w, bit) in bits.words {
             block[w] |= bit;
         }
+        again
     }
 
     /// The repeats of two parts of a window: a subject is repeated if it

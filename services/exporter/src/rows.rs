@@ -212,6 +212,13 @@ impl Lines {
         self.ends.clear();
     }
 
+    /// Appends a copy of `other`'s lines.
+    pub fn append(&mut self, other: &Lines) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.ends.extend(other.ends.iter().map(|end| at + end));
+    }
+
     /// Each line's bytes.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let mut start = 0;

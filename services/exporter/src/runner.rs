@@ -46,7 +46,7 @@ use crate::destination::{
 };
 use crate::format::{Encoder, Format};
 use crate::jobs::{Cursor, Jobs};
-use crate::replay::{self, ReplayError, Window};
+use crate::replay::{self, Piece, ReplayError, Window};
 use crate::rows::{export_types, ExportKind, RowFormat};
 
 pub const SUCCESS_EVENT: &str = "dataexport.job.success";
@@ -798,7 +798,7 @@ impl Runner {
         cancel: &CancellationToken,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
-        let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(16);
+        let (tx, mut rx) = mpsc::channel::<Piece>(16);
         let streams = self.inner.readers.clone();
         let (org, name) = (req.org_id.clone(), ty.source.name);
         let stop = cancel.child_token();
@@ -826,57 +826,40 @@ impl Runner {
         req: &ExportJobRequest,
         spec: &Spec,
         ty: &ExportKind,
-        lines: &mut mpsc::Receiver<Vec<Bytes>>,
+        lines: &mut mpsc::Receiver<Piece>,
         reader: &mut tokio::task::JoinHandle<Result<u64, ReplayError>>,
         progress: &mut Progress<'_>,
     ) -> Result<Delivered, JobError> {
-        let settings = &self.inner.settings;
-        let columns = &ty.columns();
-        let type_token = ty.token;
-        let ext = spec.format.extension(settings.gzip);
-        let content_type = spec.format.content_type(settings.gzip);
-        let mut out = Delivered {
-            files: Vec::new(),
-            rows: 0,
-            bytes: 0,
-        };
-        let mut part = 1u32;
-        let mut file = PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
-        let mut enc = Encoder::new(spec.format, columns, settings.gzip);
-        while let Some(batch) = lines.recv().await {
-            for line in batch {
-                if enc.rows() > 0 && enc.size() + line.len() as u64 > settings.split_bytes {
-                    let full = std::mem::replace(
-                        &mut enc,
-                        Encoder::new(spec.format, columns, settings.gzip),
-                    );
-                    out.push(file.close(full, ty, progress).await?);
-                    part += 1;
-                    file =
-                        PartWriter::begin(spec, req, type_token, part, ext, content_type).await?;
+        let mut file = KindFile::begin(&self.inner.settings, spec, req, ty).await?;
+        let written = async {
+            while let Some(piece) = lines.recv().await {
+                match piece {
+                    Piece::Lines(batch) => {
+                        for line in batch {
+                            file.line(&line, progress).await?;
+                        }
+                        progress.maybe_save().await;
+                    }
+                    Piece::Tentative => file.tentative = true,
+                    Piece::Settled => file.settle().await?,
+                    Piece::Void => file.void(progress).await?,
                 }
-                enc.push_line(&line);
-                file.rows += 1;
-                if let Some(chunk) = enc.take(CHUNK_BYTES) {
-                    progress.add(0, chunk.len() as u64);
-                    file.write(Bytes::from(chunk)).await?;
-                }
-                progress.add(1, 0);
             }
-            progress.maybe_save().await;
+            Ok::<_, JobError>(())
         }
+        .await;
         // The last part is completed only if the replay ended well: a
         // partial file never becomes visible under its final name.
         let read = match reader.await {
             Ok(r) => r.map_err(JobError::from),
             Err(e) => Err(JobError::Transient(format!("the replay stopped: {e}"))),
         };
-        if let Err(e) = read {
+        if let Err(e) = written.and(read) {
             file.abort().await;
             return Err(e);
         }
         let finishing = Instant::now();
-        out.push(file.close(enc, ty, progress).await?);
+        let out = file.finish(progress).await?;
         tracing::debug!(
             org = %req.org_id,
             job = %req.job_id,
@@ -892,6 +875,153 @@ impl Delivered {
         self.files.extend(files);
         self.rows += rows;
         self.bytes += bytes;
+    }
+}
+
+/// One kind's file as it is written, part after part. While the replay's
+/// lines are tentative, a full part is sealed but held back: it becomes
+/// visible only once they stand, and is dropped unseen if they are
+/// withdrawn.
+struct KindFile<'a> {
+    settings: &'a RunSettings,
+    spec: &'a Spec,
+    req: &'a ExportJobRequest,
+    ty: &'a ExportKind,
+    columns: Vec<String>,
+    part: u32,
+    file: PartWriter,
+    enc: Encoder,
+    tentative: bool,
+    held: Vec<Sealed>,
+    done: Delivered,
+    /// Rows and bytes of this file counted in the job's progress.
+    counted: (u64, u64),
+}
+
+impl<'a> KindFile<'a> {
+    async fn begin(
+        settings: &'a RunSettings,
+        spec: &'a Spec,
+        req: &'a ExportJobRequest,
+        ty: &'a ExportKind,
+    ) -> Result<KindFile<'a>, JobError> {
+        let columns = ty.columns();
+        let file = KindFile::open(settings, spec, req, ty, 1).await?;
+        Ok(KindFile {
+            enc: Encoder::new(spec.format, &columns, settings.gzip),
+            settings,
+            spec,
+            req,
+            ty,
+            columns,
+            part: 1,
+            file,
+            tentative: false,
+            held: Vec::new(),
+            done: Delivered {
+                files: Vec::new(),
+                rows: 0,
+                bytes: 0,
+            },
+            counted: (0, 0),
+        })
+    }
+
+    async fn open(
+        settings: &RunSettings,
+        spec: &Spec,
+        req: &ExportJobRequest,
+        ty: &ExportKind,
+        part: u32,
+    ) -> Result<PartWriter, JobError> {
+        let ext = spec.format.extension(settings.gzip);
+        let content_type = spec.format.content_type(settings.gzip);
+        PartWriter::begin(spec, req, ty.token, part, ext, content_type).await
+    }
+
+    fn count(&mut self, progress: &mut Progress<'_>, rows: u64, bytes: u64) {
+        self.counted.0 += rows;
+        self.counted.1 += bytes;
+        progress.add(rows, bytes);
+    }
+
+    async fn line(&mut self, line: &[u8], progress: &mut Progress<'_>) -> Result<(), JobError> {
+        if self.enc.rows() > 0 && self.enc.size() + line.len() as u64 > self.settings.split_bytes {
+            self.next_part(progress).await?;
+        }
+        self.enc.push_line(line);
+        self.file.rows += 1;
+        if let Some(chunk) = self.enc.take(CHUNK_BYTES) {
+            self.count(progress, 0, chunk.len() as u64);
+            self.file.write(Bytes::from(chunk)).await?;
+        }
+        self.count(progress, 1, 0);
+        Ok(())
+    }
+
+    /// Writes the encoder's last bytes into the current part; a fresh
+    /// encoder for what follows.
+    async fn end_encoding(&mut self, progress: &mut Progress<'_>) -> Result<(), JobError> {
+        let (format, gzip) = (self.spec.format, self.settings.gzip);
+        let enc = std::mem::replace(&mut self.enc, Encoder::new(format, &self.columns, gzip));
+        let last = enc.finish();
+        self.count(progress, 0, last.len() as u64);
+        self.file.write(Bytes::from(last)).await
+    }
+
+    async fn next_part(&mut self, progress: &mut Progress<'_>) -> Result<(), JobError> {
+        self.end_encoding(progress).await?;
+        let next = KindFile::open(self.settings, self.spec, self.req, self.ty, self.part + 1);
+        let sealed = std::mem::replace(&mut self.file, next.await?).seal();
+        self.part += 1;
+        if self.tentative {
+            self.held.push(sealed);
+        } else {
+            self.done.push(sealed.complete(self.ty).await?);
+        }
+        Ok(())
+    }
+
+    /// The tentative lines stand: the parts held back become visible.
+    async fn settle(&mut self) -> Result<(), JobError> {
+        self.tentative = false;
+        for sealed in std::mem::take(&mut self.held) {
+            self.done.push(sealed.complete(self.ty).await?);
+        }
+        Ok(())
+    }
+
+    /// Every line so far is withdrawn: the file starts over at part 1,
+    /// and what follows stands.
+    async fn void(&mut self, progress: &mut Progress<'_>) -> Result<(), JobError> {
+        debug_assert!(self.done.files.is_empty(), "a visible part is withdrawn");
+        self.tentative = false;
+        for sealed in std::mem::take(&mut self.held) {
+            sealed.abort().await;
+        }
+        let fresh = KindFile::open(self.settings, self.spec, self.req, self.ty, 1).await?;
+        std::mem::replace(&mut self.file, fresh).abort().await;
+        self.part = 1;
+        self.enc = Encoder::new(self.spec.format, &self.columns, self.settings.gzip);
+        let (rows, bytes) = std::mem::take(&mut self.counted);
+        progress.rows -= rows;
+        progress.bytes -= bytes;
+        Ok(())
+    }
+
+    /// Completes every part; the file's parts, rows and bytes.
+    async fn finish(mut self, progress: &mut Progress<'_>) -> Result<Delivered, JobError> {
+        self.settle().await?;
+        self.end_encoding(progress).await?;
+        self.done.push(self.file.seal().complete(self.ty).await?);
+        Ok(self.done)
+    }
+
+    async fn abort(self) {
+        for sealed in self.held {
+            sealed.abort().await;
+        }
+        self.file.abort().await;
     }
 }
 
@@ -972,19 +1102,29 @@ impl PartWriter {
         }
     }
 
-    /// Writes the encoder's last bytes and completes the part everywhere:
-    /// its files, rows and bytes.
-    async fn close(
-        mut self,
-        enc: Encoder,
-        ty: &ExportKind,
-        progress: &mut Progress<'_>,
-    ) -> Result<(Vec<ExportFile>, u64, u64), JobError> {
-        let last = enc.finish();
-        progress.add(0, last.len() as u64);
-        self.write(Bytes::from(last)).await?;
-        let rows = self.rows;
-        let digest: Sha256Digest = self.hash.finalize().into();
+    /// Ends writing: the part with its checksum, not yet visible.
+    fn seal(self) -> Sealed {
+        Sealed {
+            digest: self.hash.finalize().into(),
+            uploads: self.uploads,
+            bytes: self.bytes,
+            rows: self.rows,
+        }
+    }
+}
+
+/// A part written in full, everywhere, and not yet completed.
+struct Sealed {
+    uploads: Vec<Box<dyn Upload>>,
+    digest: Sha256Digest,
+    bytes: u64,
+    rows: u64,
+}
+
+impl Sealed {
+    /// Completes the part everywhere: its files, rows and bytes.
+    async fn complete(self, ty: &ExportKind) -> Result<(Vec<ExportFile>, u64, u64), JobError> {
+        let digest = self.digest;
         let sha = hex(&digest);
         let uris = try_join_all(self.uploads.into_iter().map(|u| u.finish(digest))).await?;
         let files = uris
@@ -992,12 +1132,18 @@ impl PartWriter {
             .map(|uri| ExportFile {
                 uri,
                 entity_type: ty.export_type.to_owned(),
-                rows,
+                rows: self.rows,
                 bytes: self.bytes,
                 sha256: sha.clone(),
             })
             .collect();
-        Ok((files, rows, self.bytes))
+        Ok((files, self.rows, self.bytes))
+    }
+
+    async fn abort(self) {
+        for u in self.uploads {
+            u.abort().await;
+        }
     }
 }
 

@@ -257,6 +257,106 @@ async fn large_files_are_split_into_parts_at_the_configured_size() {
 }
 
 #[tokio::test]
+async fn incremental_files_split_into_parts_hold_each_change_once_with_no_part_left_behind() {
+    let w = World::new(Some(|s| s.split_bytes = 2048)).await;
+    let mut accounts = Vec::new();
+    for i in 0..40 {
+        accounts.push(
+            w.account(&format!("acct{i}"), &format!("Account number {i}"))
+                .await,
+        );
+    }
+    let dest = w.destination("parts", json!({})).await;
+    let sched = w
+        .schedule("parts", &["ACCOUNTS"], &[&id(&dest)], json!({}))
+        .await;
+    let sid = id(&sched);
+    let initial = w.run(&sid).await;
+    assert_eq!(initial.status, JobStatus::Succeeded, "{:?}", initial.error);
+
+    // The job's objects under the destination, as listed by S3, must be
+    // exactly the parts its record lists.
+    let listed = |rec: &ExportJobRecord| {
+        let rec = rec.clone();
+        let w = &w;
+        async move {
+            let mut keys: Vec<String> = w
+                .objects("meterline/parts/")
+                .await
+                .into_keys()
+                .filter(|k| k.contains(&rec.id) && !k.contains("_manifests"))
+                .collect();
+            keys.sort();
+            let mut want: Vec<String> = rec
+                .files
+                .iter()
+                .map(|f| key_of(&f.uri).to_owned())
+                .collect();
+            want.sort();
+            assert_eq!(keys, want, "the job's objects are the parts it lists");
+        }
+    };
+
+    // Every account changed once: rows sent as read stand, parts and all.
+    for a in accounts.iter_mut() {
+        *a = w
+            .update(
+                "account",
+                a,
+                json!({"name": format!("{} v2", a["name"].as_str().unwrap())}),
+            )
+            .await;
+    }
+    let once = w.run(&sid).await;
+    assert_eq!(once.status, JobStatus::Succeeded, "{:?}", once.error);
+    assert!(once.files.len() >= 2, "{} parts", once.files.len());
+    listed(&once).await;
+    let rows = exported(&w, &once).await;
+    assert_eq!(rows.len(), 40);
+    assert!(rows
+        .values()
+        .all(|(name, _, version)| name.ends_with(" v2") && version == "2"));
+    assert_eq!(once.rows, 40);
+
+    // Every account changed, then a few again: the first versions of
+    // those must not be exported, nor any part written before that was
+    // known.
+    for a in accounts.iter_mut() {
+        *a = w
+            .update(
+                "account",
+                a,
+                json!({"name": format!("{} v3", a["name"].as_str().unwrap())}),
+            )
+            .await;
+    }
+    for a in accounts.iter_mut().take(5) {
+        *a = w.update("account", a, json!({"name": "again"})).await;
+    }
+    w.delete("account", &id(&accounts[39])).await;
+    let again = w.run(&sid).await;
+    assert_eq!(again.status, JobStatus::Succeeded, "{:?}", again.error);
+    assert!(again.files.len() >= 2, "{} parts", again.files.len());
+    listed(&again).await;
+    let rows = exported(&w, &again).await;
+    assert_eq!(rows.len(), 40);
+    for (i, a) in accounts.iter().enumerate() {
+        let (name, deleted, version) = &rows[&id(a)];
+        let want = if i < 5 { ("again", "4") } else { ("", "3") };
+        if i < 5 {
+            assert_eq!((name.as_str(), version.as_str()), want);
+        } else {
+            assert!(
+                name.ends_with(" v2 v3") && version == "3",
+                "{name} {version}"
+            );
+        }
+        assert_eq!(*deleted, i == 39);
+    }
+    assert_eq!(again.rows, 40);
+}
+
+#[tokio::test]
 async fn exports_without_destination_go_to_the_download_store_as_gzipped_jsonl() {
     let w = World::new(Some(|s| s.gzip = true)).await;
     let a = w.account("a", "Alpha, \"the first\"").await;

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use meterline_exporter::format::Format;
-use meterline_exporter::replay::{replay, Window};
+use meterline_exporter::replay::{replay, Piece, Window};
 use meterline_exporter::rows::{export_types, RowFormat};
 use meterline_shared::envelope::{Action, EntityEvent};
 use meterline_shared::shutdown::CancellationToken;
@@ -71,7 +71,6 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
     let nats = NatsServer::start();
     let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     provision::ensure_core(&js, 1).await.unwrap();
-    let stream = js.get_stream(subjects::ENTITIES_STREAM).await.unwrap();
 
     // Before the window: 200 accounts.
     let mut versions: HashMap<usize, u64> = HashMap::new();
@@ -163,41 +162,17 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
     let expected: Vec<Value> = expected.into_iter().map(|(_, v)| v).collect();
     assert!(expected.iter().any(|v| v["deleted"] == true));
 
-    let kind = export_types(Some(&json!(["ACCOUNTS"]))).unwrap()[0];
-    let rows = RowFormat::new(kind, Format::Jsonl, None);
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    // The window's two parts are read on two connections, as the exporter
-    // reads them.
-    let second = jetstream::new(async_nats::connect(nats.url()).await.unwrap())
-        .get_stream(subjects::ENTITIES_STREAM)
-        .await
-        .unwrap();
-    let reader = {
-        let streams = [stream.clone(), second];
-        tokio::spawn(async move {
-            let window = Window {
-                from: Some(from),
-                to,
-            };
-            replay(
-                &streams,
-                ORG,
-                "account",
-                window,
-                &rows,
-                &tx,
-                &CancellationToken::new(),
-            )
-            .await
-        })
-    };
-    let mut got: Vec<Value> = Vec::new();
-    while let Some(batch) = rx.recv().await {
-        for line in batch {
-            got.push(serde_json::from_slice(&line).expect("a JSON line"));
-        }
-    }
-    assert_eq!(reader.await.unwrap().unwrap(), expected.len() as u64);
+    let got = read(&nats, from, to, None).await;
+    // Accounts of the first half are changed again in it: its lines, sent
+    // as read, are withdrawn and the file written again.
+    assert_eq!(marks(&got), ["tentative", "void"]);
+    assert!(
+        got.marks[1].1 > 0,
+        "lines were sent as read: {:?}",
+        got.marks
+    );
+    assert_eq!(got.count, expected.len() as u64);
+    let got = got.lines;
     let project = |v: &Value| json!({"id": v["id"], "version": v["version"], "name": v["name"], "deleted": v["deleted"]});
     let got: Vec<Value> = got.iter().map(project).collect();
     let expected: Vec<Value> = expected.iter().map(project).collect();
@@ -205,4 +180,191 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g, e);
     }
+}
+
+/// A fresh server whose `ENTITIES` holds `before`, then `window`; the
+/// window's `(from, to]`.
+async fn window_of(before: &[EntityEvent], window: &[EntityEvent]) -> (NatsServer, u64, u64) {
+    let nats = NatsServer::start();
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    provision::ensure_core(&js, 1).await.unwrap();
+    let from = store(&js, before).await.last().copied().unwrap_or(0);
+    let to = *store(&js, window).await.last().unwrap();
+    (nats, from, to)
+}
+
+fn ids(lines: &[Value]) -> Vec<(String, u64)> {
+    lines
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                v["version"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn marks(got: &Received) -> Vec<&'static str> {
+    got.marks.iter().map(|(m, _)| *m).collect()
+}
+
+#[tokio::test]
+async fn a_window_of_distinct_entities_is_sent_as_read_and_stands() {
+    let window: Vec<EntityEvent> = (0..2400).map(|i| change(i, Action::Created, 1)).collect();
+    let (nats, from, to) = window_of(&[], &window).await;
+    let got = read(&nats, from, to, None).await;
+    // The first half's lines went out as read and stood; the second
+    // half's followed.
+    assert_eq!(marks(&got), ["tentative", "settled"]);
+    assert_eq!(got.marks[1].1, 1200, "{:?}", got.marks);
+    let want: Vec<(String, u64)> = (0..2400).map(|i| (format!("acct-{i}"), 1)).collect();
+    assert_eq!(ids(&got.lines), want);
+    assert_eq!(got.count, 2400);
+}
+
+#[tokio::test]
+async fn an_entity_of_the_first_part_changed_in_the_second_starts_the_file_over() {
+    let before: Vec<EntityEvent> = (0..1200).map(|i| change(i, Action::Created, 1)).collect();
+    // Each account once in the first half; account 7 again at the end.
+    let mut window: Vec<EntityEvent> = (0..1200).map(|i| change(i, Action::Updated, 2)).collect();
+    window.extend((1200..2400).map(|i| change(i, Action::Created, 1)));
+    window.push(change(7, Action::Deleted, 2));
+    let (nats, from, to) = window_of(&before, &window).await;
+    let got = read(&nats, from, to, None).await;
+    // The first half (1,201 of 2,401 sequences) went out as read.
+    assert_eq!(marks(&got), ["tentative", "void"]);
+    assert_eq!(got.marks[1].1, 1201, "{:?}", got.marks);
+    let mut want: Vec<(String, u64)> = (0..1200)
+        .filter(|i| *i != 7)
+        .map(|i| (format!("acct-{i}"), 2))
+        .collect();
+    want.extend((1200..2400).map(|i| (format!("acct-{i}"), 1)));
+    want.push(("acct-7".into(), 2));
+    assert_eq!(ids(&got.lines), want);
+    assert_eq!(got.lines.last().unwrap()["deleted"], json!(true));
+    assert_eq!(got.count, 2400);
+}
+
+#[tokio::test]
+async fn lines_sent_before_a_repeat_stand_when_none_of_them_is_superseded() {
+    // With a start date, account 0's first version (unmodified since)
+    // has no line; its second, later in the first half, has. Sending as
+    // read stops at the repeat, and what was sent before it stands.
+    let dated = |i: usize, v: u64, modified: &str| {
+        let mut a = account(i, v);
+        a["dtLastModified"] = json!(modified);
+        a
+    };
+    let old = "2020-01-01T00:00:00Z";
+    let new = "2026-06-01T00:00:00Z";
+    let mut window = vec![event(
+        "account",
+        "acct-0",
+        Action::Created,
+        Some(dated(0, 1, old)),
+        None,
+    )];
+    window.extend((1..600).map(|i| {
+        let id = format!("acct-{i}");
+        event(
+            "account",
+            &id,
+            Action::Created,
+            Some(dated(i, 1, new)),
+            None,
+        )
+    }));
+    window.push(event(
+        "account",
+        "acct-0",
+        Action::Updated,
+        Some(dated(0, 2, new)),
+        Some(dated(0, 1, old)),
+    ));
+    window.extend((600..2400).map(|i| {
+        let id = format!("acct-{i}");
+        event(
+            "account",
+            &id,
+            Action::Created,
+            Some(dated(i, 1, new)),
+            None,
+        )
+    }));
+    let (nats, from, to) = window_of(&[], &window).await;
+    let got = read(&nats, from, to, Some("2026-01-01T00:00:00Z")).await;
+    assert_eq!(marks(&got), ["tentative", "settled"]);
+    assert_eq!(got.marks[1].1, 599, "{:?}", got.marks);
+    let mut want: Vec<(String, u64)> = (1..600).map(|i| (format!("acct-{i}"), 1)).collect();
+    want.push(("acct-0".into(), 2));
+    want.extend((600..2400).map(|i| (format!("acct-{i}"), 1)));
+    assert_eq!(ids(&got.lines), want);
+}
+
+/// What a replay sent the writer: the lines that stand, and each mark
+/// with how many lines (withdrawn or not) had come before it.
+struct Received {
+    lines: Vec<Value>,
+    marks: Vec<(&'static str, usize)>,
+    /// What the replay said it sent.
+    count: u64,
+}
+
+/// Replays the accounts of `(from, to]` as JSON lines, read on two
+/// connections as the exporter reads them, and receives them as the
+/// writer does.
+async fn read(nats: &NatsServer, from: u64, to: u64, since: Option<&str>) -> Received {
+    let kind = export_types(Some(&json!(["ACCOUNTS"]))).unwrap()[0];
+    let since = since.map(|s| s.parse().unwrap());
+    let rows = RowFormat::new(kind, Format::Jsonl, since);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        streams.push(js.get_stream(subjects::ENTITIES_STREAM).await.unwrap());
+    }
+    let reader = tokio::spawn(async move {
+        let window = Window {
+            from: Some(from),
+            to,
+        };
+        replay(
+            &streams,
+            ORG,
+            "account",
+            window,
+            &rows,
+            &tx,
+            &CancellationToken::new(),
+        )
+        .await
+    });
+    let mut got = Received {
+        lines: Vec::new(),
+        marks: Vec::new(),
+        count: 0,
+    };
+    let mut sent = 0;
+    while let Some(piece) = rx.recv().await {
+        let mark = match piece {
+            Piece::Lines(batch) => {
+                sent += batch.len();
+                for line in batch {
+                    got.lines
+                        .push(serde_json::from_slice(&line).expect("a JSON line"));
+                }
+                continue;
+            }
+            Piece::Tentative => "tentative",
+            Piece::Settled => "settled",
+            Piece::Void => {
+                got.lines.clear();
+                "void"
+            }
+        };
+        got.marks.push((mark, sent));
+    }
+    got.count = reader.await.unwrap().unwrap();
+    got
 }
