@@ -24,6 +24,15 @@
 //!   of the window. A tombstone is exported once, from its last state,
 //!   with `deleted = true`.
 //!
+//!   Most versions in a window are their entity's only one there, so the
+//!   first part's lines are also sent on as they are read, tentatively
+//!   ([`Piece::Tentative`]), until one of the part's entities comes again.
+//!   Once the window is read, those versions are checked like the others:
+//!   if none has a later version, they stand ([`Piece::Settled`]) and the
+//!   read-back starts after them; else they are withdrawn
+//!   ([`Piece::Void`]) and the whole window is read back. The writer makes
+//!   nothing visible while lines are tentative.
+//!
 //! Either way the writer gets finished lines ([`RowFormat`]), in batches.
 
 use std::time::Duration;
@@ -410,12 +419,13 @@ async fn incremental(
     out.mark(Piece::Tentative).await?;
     let (parts, repeats) = read_window(streams, &filter, from, to, out, cancel).await?;
     let stream = &streams[0];
+    let live = parts.first().map_or(0, |p| p.live);
     tracing::debug!(
         filter,
         seconds = reading.elapsed().as_secs_f64(),
+        sent_as_read = live,
         "window read into the spill files"
     );
-    let live = parts.first().map_or(0, |p| p.live);
     let mut spills = Vec::with_capacity(parts.len());
     for part in parts {
         spills.push(part.spill.read().await?);
@@ -433,6 +443,11 @@ async fn incremental(
     } else {
         out.mark(Piece::Settled).await?;
     }
+    tracing::debug!(
+        filter,
+        seconds = reading.elapsed().as_secs_f64(),
+        "versions sent as read checked"
+    );
     let mut versions = spill::Versions::new(spills);
     // Each version waits in its check, so they come out in order.
     let mut checks = futures::stream::FuturesOrdered::new();
@@ -472,6 +487,11 @@ async fn incremental(
             out.push_lines(v.lines).await?;
         }
     }
+    tracing::debug!(
+        filter,
+        seconds = reading.elapsed().as_secs_f64(),
+        "window sent"
+    );
     Ok(())
 }
 
