@@ -848,13 +848,19 @@ impl Runner {
             Ok::<_, JobError>(())
         }
         .await;
+        // Failed writing: the caller stops the replay (which may be
+        // waiting to send more lines).
+        if let Err(e) = written {
+            file.abort().await;
+            return Err(e);
+        }
         // The last part is completed only if the replay ended well: a
         // partial file never becomes visible under its final name.
         let read = match reader.await {
             Ok(r) => r.map_err(JobError::from),
             Err(e) => Err(JobError::Transient(format!("the replay stopped: {e}"))),
         };
-        if let Err(e) = written.and(read) {
+        if let Err(e) = read {
             file.abort().await;
             return Err(e);
         }
