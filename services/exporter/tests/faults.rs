@@ -203,6 +203,76 @@ async fn a_server_dying_mid_upload_is_retried_or_fails_without_half_a_delivery()
     assert_eq!(w.completions(&sid).await.len(), 1);
 }
 
+/// Stores `n` accounts in `ENTITIES` directly, as the entities service
+/// stores them (many more, and faster, than through its API).
+async fn store_accounts(w: &World, n: usize) {
+    use meterline_shared::envelope::{Action, EntityEvent};
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let id = format!("bulk-{i}");
+        let body = json!({"id": id, "version": 1, "code": id, "name": format!("Bulk account {i}")});
+        let ev = EntityEvent::now(
+            ORG,
+            "account",
+            &id,
+            Action::Created,
+            "test",
+            Some(body),
+            None,
+        );
+        let mut headers = ev.headers();
+        headers.insert("Nats-Msg-Id", ev.id.as_str());
+        let subject = meterline_shared::subjects::entity(ORG, "account", &id);
+        let payload = bytes::Bytes::from(serde_json::to_vec(&ev).unwrap());
+        acks.push(
+            w.js.publish_with_headers(subject, headers, payload)
+                .await
+                .unwrap(),
+        );
+        // The client holds back publishes past a number of acks awaited.
+        if acks.len() == 1000 || i + 1 == n {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_destination_failing_while_rows_still_come_fails_the_job_at_once() {
+    // Parts of 2 KiB, each stored as it fills: the first store fails while
+    // the replay still has thousands of rows to send.
+    let w = World::new(Some(|s| {
+        s.split_bytes = 2048;
+        s.max_attempts = 1;
+    }))
+    .await;
+    store_accounts(&w, 6000).await;
+    let proxy = Proxy::start(w.s3.port()).await;
+    let dest = w
+        .destination("failing", json!({"endpointUrl": proxy.endpoint()}))
+        .await;
+    let sched = w
+        .schedule("s", &["ACCOUNTS"], &[&id(&dest)], json!({}))
+        .await;
+    let sid = id(&sched);
+    proxy.set(Mode::Cut {
+        after: 5_000,
+        once: false,
+    });
+    let rec = w.run(&sid).await;
+    assert_failed(&w, &rec, Some(&sid), "s3://exports/").await;
+    assert!(
+        w.objects("meterline/failing/orgId")
+            .await
+            .keys()
+            .all(|k| !k.contains("_manifests")),
+        "no manifest for a failed job"
+    );
+    proxy.set(Mode::Forward);
+    still_serving(&w).await;
+}
+
 #[tokio::test]
 async fn a_schedule_deleted_while_its_job_waits_fails_the_job() {
     let mut w = World::new(None).await;
