@@ -20,7 +20,9 @@
 //! `VmHWM`, reset before each job).
 //!
 //! To see where an export's time goes: `BENCH_EXPORT_PROBE=1` also times
-//! the exporter's replay into lines (no delivery), and
+//! the exporter's replay into lines (no delivery) and, for the initial
+//! export, the same messages read and dropped by the raw figure's consumer
+//! and by pull consumers of both kinds the exporter makes, and
 //! `RUST_LOG=meterline_exporter=debug` logs each job's stages.
 
 use std::time::{Duration, Instant};
@@ -155,6 +157,76 @@ async fn probe(
         "probe: replay into lines of {n} rows on {on}: {:.0} rows/s",
         n as f64 / t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Diagnostic (`BENCH_EXPORT_PROBE=1`): the same messages read, doing
+/// nothing with them, by the raw figure's ordered consumer and by pull
+/// consumers as the exporter makes them, delivering the last message of
+/// each subject (as an initial export reads) or all; with how long each
+/// took to create and the CPU seconds of this process and nats-server.
+async fn probe_consumers(
+    entities: &jetstream::stream::Stream,
+    filter: &str,
+    last: u64,
+    nats_pid: &str,
+) -> anyhow::Result<()> {
+    let cpu = || (cpu_seconds("self"), cpu_seconds(nats_pid));
+    let report = |what: &str, n: u64, t: Instant, (own, nats): (f64, f64)| {
+        let (own_now, nats_now) = cpu();
+        println!(
+            "probe: {what}: {n} messages in {:.2}s: reader {:.2}, nats-server {:.2} CPU seconds",
+            t.elapsed().as_secs_f64(),
+            own_now - own,
+            nats_now - nats,
+        );
+    };
+    for _ in 0..3 {
+        let (before, t) = (cpu(), Instant::now());
+        let (n, _) = raw_replay(entities, filter, 1, last).await?;
+        report("ordered consumer, by start sequence", n, t, before);
+        for (what, deliver_policy) in [
+            (
+                "pull consumer, last per subject",
+                DeliverPolicy::LastPerSubject,
+            ),
+            ("pull consumer, all", DeliverPolicy::All),
+        ] {
+            let (before, t) = (cpu(), Instant::now());
+            let consumer = entities
+                .create_consumer(pull::Config {
+                    filter_subject: filter.to_owned(),
+                    deliver_policy,
+                    ack_policy: jetstream::consumer::AckPolicy::None,
+                    memory_storage: true,
+                    ..Default::default()
+                })
+                .await?;
+            let created = t.elapsed().as_secs_f64();
+            let pending = consumer.cached_info().num_pending;
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(8192)
+                .max_bytes_per_batch(8 << 20)
+                .messages()
+                .await?;
+            let mut n = 0u64;
+            while n < pending {
+                let m = messages
+                    .next()
+                    .await
+                    .ok_or_else(|| anyhow::anyhow!("the probe's replay ended early"))??;
+                n += 1;
+                if m.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending == 0 {
+                    break;
+                }
+            }
+            report(&format!("{what} (created in {created:.3}s)"), n, t, before);
+            entities
+                .delete_consumer(&consumer.cached_info().name)
+                .await?;
+        }
+    }
     Ok(())
 }
 
@@ -475,6 +547,8 @@ pub async fn run(nats: &NatsServer) -> anyhow::Result<Vec<Row>> {
     // Initial exports: every account.
     if std::env::var_os("BENCH_EXPORT_PROBE").is_some() {
         let last = entities.get_info().await?.state.last_sequence;
+        let nats_pid = nats.pid().map(|p| p.to_string()).unwrap_or_default();
+        probe_consumers(&entities, &filter, last, &nats_pid).await?;
         probe(
             "one connection",
             std::slice::from_ref(&entities),
