@@ -147,6 +147,29 @@ async fn a_missing_bucket_or_a_server_that_is_down_fails_the_job_clearly() {
     assert_eq!((rec.from_sequence, rec.rows), (None, 1));
 }
 
+/// A destination `code` whose S3 traffic goes through a proxy the test
+/// can cut, and a schedule of accounts to it: the proxy and the schedule.
+async fn through_proxy(w: &World, code: &str) -> (Proxy, String) {
+    let proxy = Proxy::start(w.s3.port()).await;
+    let dest = w
+        .destination(code, json!({"endpointUrl": proxy.endpoint()}))
+        .await;
+    let sched = w
+        .schedule("s", &["ACCOUNTS"], &[&id(&dest)], json!({}))
+        .await;
+    (proxy, id(&sched))
+}
+
+async fn no_manifest(w: &World, code: &str) {
+    assert!(
+        w.objects(&format!("meterline/{code}/orgId"))
+            .await
+            .keys()
+            .all(|k| !k.contains("_manifests")),
+        "no manifest for a failed job"
+    );
+}
+
 #[tokio::test]
 async fn a_server_dying_mid_upload_is_retried_or_fails_without_half_a_delivery() {
     let w = World::new(Some(|s| s.max_attempts = 2)).await;
@@ -157,14 +180,7 @@ async fn a_server_dying_mid_upload_is_retried_or_fails_without_half_a_delivery()
         )
         .await;
     }
-    let proxy = Proxy::start(w.s3.port()).await;
-    let dest = w
-        .destination("flaky", json!({"endpointUrl": proxy.endpoint()}))
-        .await;
-    let sched = w
-        .schedule("s", &["ACCOUNTS"], &[&id(&dest)], json!({}))
-        .await;
-    let sid = id(&sched);
+    let (proxy, sid) = through_proxy(&w, "flaky").await;
 
     // The connection dies for good mid-upload: the job fails, nothing moves.
     proxy.set(Mode::Cut {
@@ -174,13 +190,7 @@ async fn a_server_dying_mid_upload_is_retried_or_fails_without_half_a_delivery()
     let rec = w.run(&sid).await;
     assert_failed(&w, &rec, Some(&sid), "s3://exports/").await;
     assert_eq!(rec.attempts, 2);
-    assert!(
-        w.objects("meterline/flaky/orgId")
-            .await
-            .keys()
-            .all(|k| !k.contains("_manifests")),
-        "no manifest for a failed job"
-    );
+    no_manifest(&w, "flaky").await;
 
     // It dies once: the retry delivers the whole file.
     proxy.set(Mode::Cut {
@@ -248,27 +258,14 @@ async fn a_destination_failing_while_rows_still_come_fails_the_job_at_once() {
     }))
     .await;
     store_accounts(&w, 6000).await;
-    let proxy = Proxy::start(w.s3.port()).await;
-    let dest = w
-        .destination("failing", json!({"endpointUrl": proxy.endpoint()}))
-        .await;
-    let sched = w
-        .schedule("s", &["ACCOUNTS"], &[&id(&dest)], json!({}))
-        .await;
-    let sid = id(&sched);
+    let (proxy, sid) = through_proxy(&w, "failing").await;
     proxy.set(Mode::Cut {
         after: 5_000,
         once: false,
     });
     let rec = w.run(&sid).await;
     assert_failed(&w, &rec, Some(&sid), "s3://exports/").await;
-    assert!(
-        w.objects("meterline/failing/orgId")
-            .await
-            .keys()
-            .all(|k| !k.contains("_manifests")),
-        "no manifest for a failed job"
-    );
+    no_manifest(&w, "failing").await;
     proxy.set(Mode::Forward);
     still_serving(&w).await;
 }
@@ -393,14 +390,7 @@ async fn a_job_killed_mid_upload_completes_after_restart_and_no_change_is_lost_o
             .await,
         );
     }
-    let proxy = Proxy::start(w.s3.port()).await;
-    let dest = w
-        .destination("crash", json!({"endpointUrl": proxy.endpoint()}))
-        .await;
-    let sched = w
-        .schedule("s", &["ACCOUNTS"], &[&id(&dest)], json!({}))
-        .await;
-    let sid = id(&sched);
+    let (proxy, sid) = through_proxy(&w, "crash").await;
 
     // The upload stalls part-way; the exporter is killed (SIGKILL) there.
     proxy.set(Mode::Hang { after: 8_000 });

@@ -265,7 +265,7 @@ async fn lines_sent_before_a_repeat_stand_when_none_of_them_is_superseded() {
         Some(dated(0, 1, old)),
         None,
     )];
-    window.extend((1..600).map(|i| {
+    let created = |i: usize| {
         let id = format!("acct-{i}");
         event(
             "account",
@@ -274,7 +274,8 @@ async fn lines_sent_before_a_repeat_stand_when_none_of_them_is_superseded() {
             Some(dated(i, 1, new)),
             None,
         )
-    }));
+    };
+    window.extend((1..600).map(created));
     window.push(event(
         "account",
         "acct-0",
@@ -282,16 +283,7 @@ async fn lines_sent_before_a_repeat_stand_when_none_of_them_is_superseded() {
         Some(dated(0, 2, new)),
         Some(dated(0, 1, old)),
     ));
-    window.extend((600..2400).map(|i| {
-        let id = format!("acct-{i}");
-        event(
-            "account",
-            &id,
-            Action::Created,
-            Some(dated(i, 1, new)),
-            None,
-        )
-    }));
+    window.extend((600..2400).map(created));
     let (nats, from, to) = window_of(&[], &window).await;
     let got = read(&nats, from, to, Some("2026-01-01T00:00:00Z")).await;
     assert_eq!(marks(&got), ["tentative", "settled"]);
