@@ -130,6 +130,7 @@ struct Spec {
 }
 
 /// A file delivered to every destination.
+#[derive(Default)]
 struct Delivered {
     files: Vec<ExportFile>,
     rows: u64,
@@ -736,11 +737,7 @@ impl Runner {
         for dest in &spec.destinations {
             dest.check().await?;
         }
-        let mut all = Delivered {
-            files: Vec::new(),
-            rows: 0,
-            bytes: 0,
-        };
+        let mut all = Delivered::default();
         let mut progress = Progress {
             runner: self,
             org: &req.org_id,
@@ -924,11 +921,7 @@ impl<'a> KindFile<'a> {
             file,
             tentative: false,
             held: Vec::new(),
-            done: Delivered {
-                files: Vec::new(),
-                rows: 0,
-                bytes: 0,
-            },
+            done: Delivered::default(),
             counted: (0, 0),
         })
     }
@@ -968,9 +961,8 @@ impl<'a> KindFile<'a> {
     /// Writes the encoder's last bytes into the current part; a fresh
     /// encoder for what follows.
     async fn end_encoding(&mut self, progress: &mut Progress<'_>) -> Result<(), JobError> {
-        let (format, gzip) = (self.spec.format, self.settings.gzip);
-        let enc = std::mem::replace(&mut self.enc, Encoder::new(format, &self.columns, gzip));
-        let last = enc.finish();
+        let fresh = Encoder::new(self.spec.format, &self.columns, self.settings.gzip);
+        let last = std::mem::replace(&mut self.enc, fresh).finish();
         self.count(progress, 0, last.len() as u64);
         self.file.write(Bytes::from(last)).await
     }
@@ -1000,18 +992,16 @@ impl<'a> KindFile<'a> {
     /// Every line so far is withdrawn: the file starts over at part 1,
     /// and what follows stands.
     async fn void(&mut self, progress: &mut Progress<'_>) -> Result<(), JobError> {
-        debug_assert!(self.done.files.is_empty(), "a visible part is withdrawn");
-        self.tentative = false;
-        for sealed in std::mem::take(&mut self.held) {
-            sealed.abort().await;
-        }
-        let fresh = KindFile::open(self.settings, self.spec, self.req, self.ty, 1).await?;
-        std::mem::replace(&mut self.file, fresh).abort().await;
-        self.part = 1;
-        self.enc = Encoder::new(self.spec.format, &self.columns, self.settings.gzip);
-        let (rows, bytes) = std::mem::take(&mut self.counted);
+        let fresh = KindFile::begin(self.settings, self.spec, self.req, self.ty).await?;
+        let withdrawn = std::mem::replace(self, fresh);
+        debug_assert!(
+            withdrawn.done.files.is_empty(),
+            "a visible part is withdrawn"
+        );
+        let (rows, bytes) = withdrawn.counted;
         progress.rows -= rows;
         progress.bytes -= bytes;
+        withdrawn.abort().await;
         Ok(())
     }
 
