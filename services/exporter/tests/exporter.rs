@@ -256,6 +256,33 @@ async fn large_files_are_split_into_parts_at_the_configured_size() {
     assert_eq!(seen, ids, "every account once, across the parts");
 }
 
+/// The job's objects under destination `code`, as S3 lists them, are
+/// exactly the parts its record lists.
+async fn only_listed_parts(w: &World, code: &str, rec: &ExportJobRecord) {
+    let mut keys: Vec<String> = w
+        .objects(&format!("meterline/{code}/"))
+        .await
+        .into_keys()
+        .filter(|k| k.contains(&rec.id) && !k.contains("_manifests"))
+        .collect();
+    keys.sort();
+    let mut want: Vec<String> = rec
+        .files
+        .iter()
+        .map(|f| key_of(&f.uri).to_owned())
+        .collect();
+    want.sort();
+    assert_eq!(keys, want, "the job's objects are the parts it lists");
+}
+
+/// Appends `suffix` to every account's name, one update each.
+async fn rename_all(w: &World, accounts: &mut [Value], suffix: &str) {
+    for a in accounts.iter_mut() {
+        let name = format!("{}{suffix}", a["name"].as_str().unwrap());
+        *a = w.update("account", a, json!({ "name": name })).await;
+    }
+}
+
 #[tokio::test]
 async fn incremental_files_split_into_parts_hold_each_change_once_with_no_part_left_behind() {
     let w = World::new(Some(|s| s.split_bytes = 2048)).await;
@@ -274,43 +301,12 @@ async fn incremental_files_split_into_parts_hold_each_change_once_with_no_part_l
     let initial = w.run(&sid).await;
     assert_eq!(initial.status, JobStatus::Succeeded, "{:?}", initial.error);
 
-    // The job's objects under the destination, as listed by S3, must be
-    // exactly the parts its record lists.
-    let listed = |rec: &ExportJobRecord| {
-        let rec = rec.clone();
-        let w = &w;
-        async move {
-            let mut keys: Vec<String> = w
-                .objects("meterline/parts/")
-                .await
-                .into_keys()
-                .filter(|k| k.contains(&rec.id) && !k.contains("_manifests"))
-                .collect();
-            keys.sort();
-            let mut want: Vec<String> = rec
-                .files
-                .iter()
-                .map(|f| key_of(&f.uri).to_owned())
-                .collect();
-            want.sort();
-            assert_eq!(keys, want, "the job's objects are the parts it lists");
-        }
-    };
-
     // Every account changed once: rows sent as read stand, parts and all.
-    for a in accounts.iter_mut() {
-        *a = w
-            .update(
-                "account",
-                a,
-                json!({"name": format!("{} v2", a["name"].as_str().unwrap())}),
-            )
-            .await;
-    }
+    rename_all(&w, &mut accounts, " v2").await;
     let once = w.run(&sid).await;
     assert_eq!(once.status, JobStatus::Succeeded, "{:?}", once.error);
     assert!(once.files.len() >= 2, "{} parts", once.files.len());
-    listed(&once).await;
+    only_listed_parts(&w, "parts", &once).await;
     let rows = exported(&w, &once).await;
     assert_eq!(rows.len(), 40);
     assert!(rows
@@ -321,15 +317,7 @@ async fn incremental_files_split_into_parts_hold_each_change_once_with_no_part_l
     // Every account changed, then a few again: the first versions of
     // those must not be exported, nor any part written before that was
     // known.
-    for a in accounts.iter_mut() {
-        *a = w
-            .update(
-                "account",
-                a,
-                json!({"name": format!("{} v3", a["name"].as_str().unwrap())}),
-            )
-            .await;
-    }
+    rename_all(&w, &mut accounts, " v3").await;
     for a in accounts.iter_mut().take(5) {
         *a = w.update("account", a, json!({"name": "again"})).await;
     }
@@ -337,14 +325,13 @@ async fn incremental_files_split_into_parts_hold_each_change_once_with_no_part_l
     let again = w.run(&sid).await;
     assert_eq!(again.status, JobStatus::Succeeded, "{:?}", again.error);
     assert!(again.files.len() >= 2, "{} parts", again.files.len());
-    listed(&again).await;
+    only_listed_parts(&w, "parts", &again).await;
     let rows = exported(&w, &again).await;
     assert_eq!(rows.len(), 40);
     for (i, a) in accounts.iter().enumerate() {
         let (name, deleted, version) = &rows[&id(a)];
-        let want = if i < 5 { ("again", "4") } else { ("", "3") };
         if i < 5 {
-            assert_eq!((name.as_str(), version.as_str()), want);
+            assert_eq!((name.as_str(), version.as_str()), ("again", "4"));
         } else {
             assert!(
                 name.ends_with(" v2 v3") && version == "3",
