@@ -162,7 +162,7 @@ async fn probe(
 
 /// Diagnostic (`BENCH_EXPORT_PROBE=1`): the same messages read, doing
 /// nothing with them, by the raw figure's ordered consumer and by pull
-/// consumers as the exporter makes them, delivering the last message of
+/// consumers as the exporter makes and reads them, delivering the last message of
 /// each subject (as an initial export reads) or all; with how long each
 /// took to create and the CPU seconds of this process and nats-server.
 async fn probe_consumers(
@@ -206,8 +206,8 @@ async fn probe_consumers(
             let pending = consumer.cached_info().num_pending;
             let mut messages = consumer
                 .stream()
-                .max_messages_per_batch(8192)
-                .max_bytes_per_batch(8 << 20)
+                .max_messages_per_batch(meterline_exporter::replay::PULL_BATCH)
+                .max_bytes_per_batch(meterline_exporter::replay::PULL_BATCH_BYTES)
                 .messages()
                 .await?;
             let mut n = 0u64;

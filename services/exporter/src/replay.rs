@@ -162,9 +162,9 @@ pub struct Window {
 /// delivery waiting for requests (batches of 1,000 read a type about a
 /// fifth slower than batches of 8,000, and ordered consumers' 500 slower
 /// still).
-const PULL_BATCH: usize = 8192;
+pub const PULL_BATCH: usize = 8192;
 /// ... and at most this many bytes, which bounds what is buffered.
-const PULL_BATCH_BYTES: usize = 8 << 20;
+pub const PULL_BATCH_BYTES: usize = 8 << 20;
 
 /// Lines go to the writer in batches of about this many.
 const BATCH: usize = 256;
