@@ -17,6 +17,7 @@ Exits 0 when every check passes; otherwise prints what differed and exits 1.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import secrets
@@ -325,6 +326,29 @@ def main() -> None:
         seen = {a.code for a in client.accounts.list(page_size=2)}
         missing = [c for c in codes + [account.code] if c not in seen]
         expect(not missing, f"accounts missing from the paged list: {missing}")
+
+    @check("usage.submit: accepted once, a resend is all duplicates, an unknown meter is rejected, [] is a 400")
+    def _() -> None:
+        ts = datetime.datetime(2026, 1, 15, 10, 0, tzinfo=datetime.timezone.utc)
+        measurements = [
+            {"uid": f"sdk_submit_{run}_{i}", "meter": meter.code, "account": account.code,
+             "ts": ts, "ets": ts + datetime.timedelta(minutes=5), "measure": {"bytes": i * 1000}}
+            for i in range(5)
+        ]
+        first = client.usage.submit(measurements=measurements)
+        expect_eq(first.result, "accepted", "result of a submit")
+        counts = lambda r: tuple(r.to_dict().get(k) for k in ("accepted", "duplicates", "rejected"))
+        expect_eq(counts(first), (5, 0, 0), "(accepted, duplicates, rejected) of a first submit")
+        again = client.usage.submit(measurements=measurements)
+        expect_eq((again.result, counts(again)), ("accepted", (0, 5, 0)), "result and counts of a resend")
+        mixed = client.usage.submit(measurements=[
+            {"uid": f"sdk_submit_{run}_x", "meter": f"no_such_meter_{run}", "account": account.code, "ts": ts},
+            {"uid": f"sdk_submit_{run}_5", "meter": meter.code, "account": account.code, "ts": ts},
+        ])
+        expect_eq(counts(mixed), (1, 0, 1), "(accepted, duplicates, rejected) with an unknown meter")
+        errors = mixed.to_dict().get("errors") or []
+        expect_eq([e.get("errorType") for e in errors], ["UndefinedMeter"], "errorType of the rejected one")
+        expect_raises(m3ter.BadRequestError, 400, "submit of no measurements", lambda: strict.usage.submit(measurements=[]))
 
     @check("file upload: generate_upload_url, PUT to the URL with its headers, jobs.retrieve, jobs.list, original")
     def _() -> None:

@@ -1,7 +1,8 @@
 //! m3ter's official Python SDK, pointed at Meterline by its base URL, does
 //! what a customer's code would do: create, read, update, list and delete
-//! entities, get the errors m3ter gives (404, 409, 400, 401), upload a file
-//! of measurements, and export accounts ad hoc and download the file.
+//! entities, get the errors m3ter gives (404, 409, 400, 401), submit
+//! measurements and upload a file of them, and export accounts ad hoc and
+//! download the file.
 //!
 //! The whole system runs in this process against one real nats-server; the
 //! SDK runs as a child process (`tests/sdk/m3ter_sdk_check.py`) with the

@@ -352,9 +352,57 @@ async fn bad_requests_are_refused_whole_and_nothing_is_stored() {
         assert_eq!(e.code, code, "{}", e.message);
         assert!(!e.message.is_empty());
     }
+    // An org token with subject characters never reaches a subject: within
+    // one token `*` and `>` are not wildcards, so such a request does reach
+    // ingest, which refuses it whole.
+    let body =
+        Bytes::from(serde_json::to_vec(&json!({"measurements": [call("org", 1.0)]})).unwrap());
+    for org in ["ac*me", "ac>me"] {
+        let e = bus::request(
+            &w.client,
+            format!("svc.ingest.{org}.submit"),
+            Default::default(),
+            body.clone(),
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(e.code, ErrorCode::BadRequest, "{org}: {}", e.message);
+        assert!(e.message.contains("orgId"), "{}", e.message);
+    }
+    // A meter token with subject characters names no meter: that
+    // measurement is rejected, and no subject is made of it.
+    let ts = "2024-05-01T10:00:00Z";
+    let r = w
+        .submit(
+            ["api.calls", "api*", "api>", "a pi", "api.>"]
+                .iter()
+                .enumerate()
+                .map(|(i, m)| json!({"uid": format!("subj-{i}"), "meter": m, "account": "a", "ts": ts}))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["accepted"].as_u64(), r["rejected"].as_u64()),
+        (Some(0), Some(5)),
+        "{r}"
+    );
+    assert!(r["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["errorType"] == "UndefinedMeter"));
     assert!(w.stored().await.is_empty());
-    // Org tokens with subject characters never reach a subject; through the
-    // domain they are refused.
+    let js = jetstream::new(w.client.clone());
+    let info = js
+        .get_stream(subjects::MEASUREMENTS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 0, "nothing at all is stored");
     let r = w.submit(vec![call("after", 1.0)]).await.unwrap();
     assert_eq!(r["accepted"], 1, "the service keeps serving");
 }
