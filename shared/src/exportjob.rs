@@ -121,6 +121,13 @@ pub struct ExportJobRecord {
     pub bytes: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<ExportFile>,
+    /// The files' format (`CSV`, `JSONL`) and every destination's manifest
+    /// URI, recorded with `files`: a job that moved its cursor can announce
+    /// its delivery from the record alone, even if its schedule is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifests: Vec<String>,
     /// The `ENTITIES` window `(from, to]` the job covers, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_sequence: Option<u64>,
@@ -149,6 +156,8 @@ impl ExportJobRecord {
             rows: 0,
             bytes: 0,
             files: Vec::new(),
+            format: None,
+            manifests: Vec::new(),
             from_sequence: None,
             to_sequence: None,
             attempts: 0,

@@ -19,6 +19,12 @@
 //! type, missing destination) fails the job at once; any other is retried
 //! with backoff up to `max_attempts`. Either way a failed job leaves the
 //! cursor where it was and emits `dataexport.job.failure`.
+//!
+//! Once the cursor has moved, the job no longer fails: the next run starts
+//! after its window, so downstream systems must hear of it. Announcing is
+//! retried with backoff until it works, and needs only the record (files,
+//! format, manifests), so a schedule deleted in the meantime does not stop
+//! it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,12 +83,20 @@ pub enum JobError {
     /// The window is out of date (the cursor moved): run again at once with
     /// a fresh window.
     Stale(String),
+    /// The files are delivered and the cursor has moved past them: only
+    /// announcing is left. Retried with backoff until it works, never
+    /// failed: a failed job would tell downstream systems its window is
+    /// still to come, while the next run starts after it.
+    Announcing(String),
 }
 
 impl JobError {
     fn message(&self) -> &str {
         match self {
-            JobError::Permanent(m) | JobError::Transient(m) | JobError::Stale(m) => m,
+            JobError::Permanent(m)
+            | JobError::Transient(m)
+            | JobError::Stale(m)
+            | JobError::Announcing(m) => m,
         }
     }
 }
@@ -297,6 +311,8 @@ impl Runner {
                         r.from_sequence = None;
                         r.to_sequence = None;
                         r.files.clear();
+                        r.format = None;
+                        r.manifests.clear();
                         r.attempts = r.attempts.saturating_sub(1);
                         Ok(())
                     })
@@ -310,20 +326,21 @@ impl Runner {
                 // Stopping: the job stays RUNNING and is resumed elsewhere.
                 Outcome::Retry(Duration::from_secs(1))
             }
+            Err(JobError::Announcing(m)) => {
+                let delay = self.backoff(attempt);
+                tracing::warn!(org, job = %req.job_id, attempt, retry_in = ?delay, error = %m, "announcing a delivered export failed");
+                self.note(
+                    req,
+                    format!("delivered; announcing failed (attempt {attempt}, retrying): {m}"),
+                )
+                .await;
+                Outcome::Retry(delay)
+            }
             Err(JobError::Transient(m)) if attempt < self.inner.settings.max_attempts => {
                 let delay = self.backoff(attempt);
                 tracing::warn!(org, job = %req.job_id, attempt, retry_in = ?delay, error = %m, "export attempt failed");
-                let note = format!(
-                    "attempt {attempt} of {} failed: {m}",
-                    self.inner.settings.max_attempts
-                );
-                let _ = self
-                    .inner
-                    .jobs
-                    .update(org, &req.job_id, |r| {
-                        r.error = Some(note.clone());
-                        Ok(())
-                    })
+                let max = self.inner.settings.max_attempts;
+                self.note(req, format!("attempt {attempt} of {max} failed: {m}"))
                     .await;
                 Outcome::Retry(delay)
             }
@@ -341,6 +358,18 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// Says on the record why the job is being retried.
+    async fn note(&self, req: &ExportJobRequest, note: String) {
+        let _ = self
+            .inner
+            .jobs
+            .update(&req.org_id, &req.job_id, |r| {
+                r.error = Some(note.clone());
+                Ok(())
+            })
+            .await;
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -563,8 +592,6 @@ impl Runner {
             .schedule_id
             .as_deref()
             .filter(|s| *s != ADHOC && req.adhoc.is_none());
-        let spec = self.spec(req).await?;
-        tracing::debug!(org, job, "export job specified");
         // The cursor, and whether this job already moved it.
         let cursor = match schedule {
             Some(s) => self.inner.jobs.cursor(org, s).await?,
@@ -573,6 +600,18 @@ impl Runner {
         let advanced = cursor
             .as_ref()
             .is_some_and(|(c, _)| c.job_id.as_deref() == Some(job));
+        // Delivered, with the cursor moved past it: what is left to do is
+        // announcing, from the record.
+        let delivered = advanced && !rec.files.is_empty() && rec.format.is_some();
+        let spec = match self.spec(req).await {
+            Ok(spec) => Some(spec),
+            Err(JobError::Permanent(why)) if delivered => {
+                tracing::warn!(org, job, reason = %why, "the job's schedule is gone after its cursor moved: announcing what it delivered");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::debug!(org, job, "export job specified");
         let rec = match (rec.to_sequence, advanced) {
             (Some(_), true) => rec,
             (Some(_), false)
@@ -611,11 +650,14 @@ impl Runner {
             from: rec.from_sequence,
             to: rec.to_sequence.unwrap_or(0),
         };
-        let rec = if advanced && !rec.files.is_empty() {
+        let rec = if delivered {
             rec
         } else {
+            let Some(spec) = &spec else {
+                unreachable!("only a delivered job goes on without its schedule")
+            };
             let delivering = Instant::now();
-            let delivered = self.deliver(req, &spec, window, cancel).await?;
+            let delivered = self.deliver(req, spec, window, cancel).await?;
             tracing::debug!(
                 org,
                 job,
@@ -628,6 +670,12 @@ impl Runner {
                     r.files = delivered.files.clone();
                     r.rows = delivered.rows;
                     r.bytes = delivered.bytes;
+                    r.format = Some(spec.format.as_str().to_owned());
+                    r.manifests = spec
+                        .destinations
+                        .iter()
+                        .map(|d| manifest_uri(d.as_ref(), org, job))
+                        .collect();
                     r.error = None;
                     Ok(())
                 })
@@ -651,23 +699,31 @@ impl Runner {
                 "export cursor advanced"
             );
         }
-        // Two streams, no order between them: both at once.
-        tokio::try_join!(self.announce(req, &spec, &rec), async {
-            self.event(org, SUCCESS_EVENT, &rec, None)
+        let finish = async {
+            // Two streams, no order between them: both at once.
+            tokio::try_join!(self.announce(req, &rec), async {
+                self.event(org, SUCCESS_EVENT, &rec, None)
+                    .await
+                    .map_err(JobError::from)
+            })?;
+            tracing::debug!(org, job, "export job announced");
+            self.inner
+                .jobs
+                .update(org, job, |r| {
+                    r.status = JobStatus::Succeeded;
+                    r.completed_at = Some(now());
+                    r.error = None;
+                    Ok(())
+                })
                 .await
                 .map_err(JobError::from)
-        })?;
-        tracing::debug!(org, job, "export job announced");
-        let done = self
-            .inner
-            .jobs
-            .update(org, job, |r| {
-                r.status = JobStatus::Succeeded;
-                r.completed_at = Some(now());
-                r.error = None;
-                Ok(())
-            })
-            .await?;
+        };
+        let done = match (finish.await, schedule) {
+            (Ok(done), _) => done,
+            // The cursor has moved: the job must not fail now.
+            (Err(e), Some(_)) => return Err(JobError::Announcing(e.message().to_owned())),
+            (Err(e), None) => return Err(e),
+        };
         metrics::counter!("meterline_exporter_jobs_total", "status" => "succeeded").increment(1);
         metrics::counter!("meterline_exporter_rows_total").increment(done.rows);
         tracing::info!(
@@ -686,7 +742,6 @@ impl Runner {
     async fn announce(
         &self,
         req: &ExportJobRequest,
-        spec: &Spec,
         rec: &ExportJobRecord,
     ) -> Result<(), JobError> {
         let org = req.org_id.as_str();
@@ -696,18 +751,14 @@ impl Runner {
             schedule_id: rec.schedule_id.as_deref(),
             org_id: org,
             trigger: rec.trigger,
-            format: spec.format.as_str(),
+            format: rec.format.as_deref().unwrap_or_default(),
             compressed: self.inner.settings.gzip,
             from_sequence: rec.from_sequence,
             to_sequence: rec.to_sequence.unwrap_or(0),
             rows: rec.rows,
             bytes: rec.bytes,
             files: &rec.files,
-            manifests: spec
-                .destinations
-                .iter()
-                .map(|d| manifest_uri(d.as_ref(), org, &rec.id))
-                .collect(),
+            manifests: &rec.manifests,
             completed_at: Utc::now(),
         };
         let publish = jetstream::message::PublishMessage::build()
@@ -1195,7 +1246,7 @@ struct Completion<'a> {
     rows: u64,
     bytes: u64,
     files: &'a [ExportFile],
-    manifests: Vec<String>,
+    manifests: &'a [String],
     completed_at: DateTime<Utc>,
 }
 

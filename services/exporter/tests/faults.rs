@@ -285,6 +285,75 @@ async fn a_schedule_deleted_while_its_job_waits_fails_the_job() {
 }
 
 #[tokio::test]
+async fn a_job_that_moved_its_cursor_is_announced_even_if_its_schedule_is_then_deleted() {
+    // One attempt only: before the cursor moves, a failure would be final.
+    let w = World::new(Some(|s| s.max_attempts = 1)).await;
+    let account = w.account("a", "Alpha").await;
+    let sched = w.schedule("moved", &["ACCOUNTS"], &[], json!({})).await;
+    let sid = id(&sched);
+    // Completions cannot be published: the files are delivered and the
+    // cursor moves, then announcing fails, again and again.
+    w.js.delete_stream("EXPORTS").await.unwrap();
+    let job = w.publish_job(&sid).await;
+    let moved = eventually(Duration::from_secs(30), "the cursor to move", || async {
+        w.cursor(&sid)
+            .await
+            .filter(|c| c.job_id.as_deref() == Some(job.as_str()))
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "a failed announcement on the record",
+        || async {
+            w.job(&job).await.filter(|r| {
+                r.error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("announcing")
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        w.job(&job).await.unwrap().status,
+        JobStatus::Running,
+        "a job whose cursor moved must not fail"
+    );
+    w.delete("exportschedule", &sid).await;
+    meterline_shared::provision::ensure_stream(&w.js, meterline_shared::provision::exports())
+        .await
+        .unwrap();
+    let rec = w.finished(&job).await;
+    assert_eq!(rec.status, JobStatus::Succeeded, "{:?}", rec.error);
+    assert_eq!(rec.to_sequence, Some(moved.sequence));
+    let completions = w.completions(&sid).await;
+    assert_eq!(completions.len(), 1, "{completions:?}");
+    let c = &completions[0];
+    assert_eq!(c["jobId"], job.as_str());
+    assert_eq!(c["format"], "CSV");
+    assert_eq!(c["rows"], 1);
+    assert_eq!(c["files"].as_array().unwrap().len(), 1);
+    assert_eq!(c["files"][0]["uri"], rec.files[0].uri.as_str());
+    assert_eq!(c["manifests"].as_array().unwrap().len(), 1);
+    let events = w.export_events().await;
+    assert!(events
+        .iter()
+        .any(|e| e["eventName"] == "dataexport.job.success" && e["jobId"] == job.as_str()));
+    assert!(!events
+        .iter()
+        .any(|e| e["eventName"] == "dataexport.job.failure" && e["jobId"] == job.as_str()));
+    let name = rec.files[0].uri.strip_prefix("export_files:").unwrap();
+    let store = w.js.get_object_store("export_files").await.unwrap();
+    let mut file = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut store.get(name).await.unwrap(), &mut file)
+        .await
+        .unwrap();
+    let (_, rows) = csv_rows(&file);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["id"], id(&account));
+}
+
+#[tokio::test]
 async fn types_that_cannot_be_exported_and_garbage_requests_are_refused() {
     let w = World::new(Some(|_| {})).await;
     w.account("a", "Alpha").await;
