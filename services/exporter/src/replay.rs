@@ -10,12 +10,7 @@
 //!   one message per entity, however many versions it has, so the work and
 //!   memory do not depend on history. An entity changed after `S` (its last
 //!   message is newer) is exported as it was at `S`: the `old` state of its
-//!   first version after `S`. The server walks the type's subjects to
-//!   create that consumer, which costs about a quarter of reading its
-//!   messages; so a type with little history (at most a quarter more
-//!   messages than entities, by the stream's counts) is read instead as
-//!   the incremental window `(0, S]` below, its deleted entities left out
-//!   ([`initial_plan`]).
+//!   first version after `S`.
 //! - Incremental export: consumers replay the window once,
 //!   filtered to the type (a large window in two parts at once, each into
 //!   its own spill file); each version is encoded into its lines as it is
@@ -251,38 +246,9 @@ pub async fn replay(
         .first()
         .ok_or_else(|| ReplayError::Bus("no connection to read ENTITIES on".into()))?;
     match window.from {
-        None => match initial_plan(stream, org, entity_type).await? {
-            Initial::LastPerSubject => {
-                initial(stream, org, entity_type, window.to, &mut out, cancel).await?
-            }
-            Initial::EveryVersion => {
-                let read = Read::LiveOnly;
-                incremental(
-                    streams,
-                    org,
-                    entity_type,
-                    0,
-                    window.to,
-                    read,
-                    &mut out,
-                    cancel,
-                )
-                .await?
-            }
-        },
+        None => initial(stream, org, entity_type, window.to, &mut out, cancel).await?,
         Some(from) => {
-            let read = Read::WithDeletes;
-            incremental(
-                streams,
-                org,
-                entity_type,
-                from,
-                window.to,
-                read,
-                &mut out,
-                cancel,
-            )
-            .await?
+            incremental(streams, org, entity_type, from, window.to, &mut out, cancel).await?
         }
     }
     out.flush().await?;
@@ -353,75 +319,6 @@ impl Out<'_> {
             .await
             .map_err(|_| ReplayError::WriterGone)
     }
-}
-
-/// How an initial export reads a type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Initial {
-    /// A consumer delivering each entity's last message: as many messages
-    /// as entities, however many versions each has. The server walks the
-    /// type's subjects to create it (about 1.6 s for a million).
-    LastPerSubject,
-    /// Every version up to `S`, as an incremental export of `(0, S]` reads
-    /// them (in parts at once, spilled, each entity kept at its last
-    /// version), with deleted entities left out. Cheaper when the type has
-    /// little history.
-    EveryVersion,
-}
-
-/// An initial export reads every version only while that is at most a
-/// quarter more messages than there are entities: creating the
-/// last-per-subject consumer costs about a quarter of reading its messages.
-const HISTORY_MAX: (u64, u64) = (5, 4);
-/// ... and the type has at most this many messages, which the window's
-/// fixed-size filters tell apart well (beyond, more versions need a check).
-const EVERY_VERSION_MAX: u64 = 2_000_000;
-
-/// Chooses how the initial export of `entity_type` reads `ENTITIES`, from
-/// the stream's message and subject counts and the number of messages of
-/// the type (an ephemeral consumer counts them, without reading any).
-/// The type's entities are at least the stream's subjects less the
-/// messages of other types, so the bound on its history errs towards
-/// [`Initial::LastPerSubject`]. Only the cost depends on the choice, never
-/// the rows.
-pub async fn initial_plan(
-    stream: &Stream,
-    org: &str,
-    entity_type: &str,
-) -> Result<Initial, ReplayError> {
-    let state = stream.get_info().await.map_err(bus)?.state;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: subjects::entity_type_filter(org, entity_type),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            memory_storage: true,
-            description: Some("Meterline exporter: counting a type's messages".into()),
-            ..Default::default()
-        })
-        .await
-        .map_err(bus)?;
-    let info = consumer.cached_info();
-    let (name, of_type) = (info.name.clone(), info.num_pending);
-    let _ = stream.delete_consumer(&name).await;
-    let others = state.messages.saturating_sub(of_type);
-    let entities = state.subjects_count.saturating_sub(others);
-    let plan =
-        if of_type <= EVERY_VERSION_MAX && of_type * HISTORY_MAX.1 <= entities * HISTORY_MAX.0 {
-            Initial::EveryVersion
-        } else {
-            Initial::LastPerSubject
-        };
-    tracing::debug!(
-        org,
-        entity_type,
-        messages = of_type,
-        entities_at_least = entities,
-        ?plan,
-        "initial export planned"
-    );
-    Ok(plan)
 }
 
 async fn initial(
@@ -514,24 +411,12 @@ async fn superseded(
         .is_some_and(|m| m.sequence <= to))
 }
 
-/// Whether a window's deleted entities are exported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Read {
-    /// Once, from their last state, with `deleted = true` (an incremental
-    /// export).
-    WithDeletes,
-    /// Not at all (an initial export: the entities live at `S`).
-    LiveOnly,
-}
-
-#[allow(clippy::too_many_arguments)]
 async fn incremental(
     streams: &[Stream],
     org: &str,
     entity_type: &str,
     from: u64,
     to: u64,
-    read: Read,
     out: &mut Out<'_>,
     cancel: &CancellationToken,
 ) -> Result<(), ReplayError> {
@@ -544,7 +429,7 @@ async fn incremental(
     // versions in a window are their entity's only one, and the file then
     // need not wait for the whole window to start.
     out.mark(Piece::Tentative).await?;
-    let (parts, repeats) = read_window(streams, &filter, from, to, read, out, cancel).await?;
+    let (parts, repeats) = read_window(streams, &filter, from, to, out, cancel).await?;
     let stream = &streams[0];
     let live = parts.first().map_or(0, |p| p.live);
     tracing::debug!(
@@ -686,7 +571,6 @@ async fn read_window(
     filter: &str,
     from: u64,
     to: u64,
-    read: Read,
     out: &mut Out<'_>,
     cancel: &CancellationToken,
 ) -> Result<(Vec<Part>, Repeats), ReplayError> {
@@ -702,9 +586,7 @@ async fn read_window(
         .map(|i| (from + i * step, (from + (i + 1) * step).min(to)))
         .filter(|(a, b)| a < b)
         .zip(streams.iter().cycle())
-        .map(|((a, b), stream)| {
-            read_segment(stream, filter, (a, b), read, rows, live.take(), cancel)
-        });
+        .map(|((a, b), stream)| read_segment(stream, filter, a, b, rows, live.take(), cancel));
     let (parts, seen): (Vec<_>, Vec<_>) = futures::future::try_join_all(reads)
         .await?
         .into_iter()
@@ -723,8 +605,8 @@ async fn read_window(
 async fn read_segment(
     stream: &Stream,
     filter: &str,
-    (from, to): (u64, u64),
-    read: Read,
+    from: u64,
+    to: u64,
     rows: &RowFormat,
     mut live: Option<&mut Out<'_>>,
     cancel: &CancellationToken,
@@ -735,7 +617,7 @@ async fn read_segment(
         DeliverPolicy::ByStartSequence {
             start_sequence: from + 1,
         },
-        "window of an export",
+        "incremental export",
         segment_batch(to - from),
         async |pending, messages| {
             // Nothing of the type from here on: nothing to wait for. (Of
@@ -770,15 +652,12 @@ async fn read_segment(
                     live = None;
                 }
                 // A version with no lines (not modified since the job's
-                // start date, a deletion not exported, or of an unknown
-                // action) is not spilled; its entity still counts as seen,
-                // so its earlier versions are checked.
+                // start date, or of an unknown action) is not spilled; its
+                // entity still counts as seen, so its earlier versions are
+                // checked.
                 if let Some(action) = action_of(msg.headers.as_ref(), &msg.payload) {
                     lines.clear();
-                    let row = row_for(action, msg.payload.clone());
-                    if !(row.deleted && read == Read::LiveOnly) {
-                        rows.lines(row, &mut lines);
-                    }
+                    rows.lines(row_for(action, msg.payload.clone()), &mut lines);
                     if !lines.is_empty() {
                         part.spill.push(seq, msg.subject.as_str(), &lines).await?;
                         if let Some(out) = live.as_deref_mut() {

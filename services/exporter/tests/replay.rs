@@ -162,7 +162,7 @@ async fn a_large_window_read_in_parts_exports_each_entity_once_at_its_last_versi
     let expected: Vec<Value> = expected.into_iter().map(|(_, v)| v).collect();
     assert!(expected.iter().any(|v| v["deleted"] == true));
 
-    let got = read(&nats, Some(from), to, None).await;
+    let got = read(&nats, from, to, None).await;
     // Accounts of the first half are changed again in it: its lines, sent
     // as read, are withdrawn and the file written again.
     assert_eq!(marks(&got), ["tentative", "void"]);
@@ -213,7 +213,7 @@ fn marks(got: &Received) -> Vec<&'static str> {
 async fn a_window_of_distinct_entities_is_sent_as_read_and_stands() {
     let window: Vec<EntityEvent> = (0..2400).map(|i| change(i, Action::Created, 1)).collect();
     let (nats, from, to) = window_of(&[], &window).await;
-    let got = read(&nats, Some(from), to, None).await;
+    let got = read(&nats, from, to, None).await;
     // The first half's lines went out as read and stood; the second
     // half's followed.
     assert_eq!(marks(&got), ["tentative", "settled"]);
@@ -231,7 +231,7 @@ async fn an_entity_of_the_first_part_changed_in_the_second_starts_the_file_over(
     window.extend((1200..2400).map(|i| change(i, Action::Created, 1)));
     window.push(change(7, Action::Deleted, 2));
     let (nats, from, to) = window_of(&before, &window).await;
-    let got = read(&nats, Some(from), to, None).await;
+    let got = read(&nats, from, to, None).await;
     // The first half (1,201 of 2,401 sequences) went out as read.
     assert_eq!(marks(&got), ["tentative", "void"]);
     assert_eq!(got.marks[1].1, 1201, "{:?}", got.marks);
@@ -285,86 +285,13 @@ async fn lines_sent_before_a_repeat_stand_when_none_of_them_is_superseded() {
     ));
     window.extend((600..2400).map(created));
     let (nats, from, to) = window_of(&[], &window).await;
-    let got = read(&nats, Some(from), to, Some("2026-01-01T00:00:00Z")).await;
+    let got = read(&nats, from, to, Some("2026-01-01T00:00:00Z")).await;
     assert_eq!(marks(&got), ["tentative", "settled"]);
     assert_eq!(got.marks[1].1, 599, "{:?}", got.marks);
     let mut want: Vec<(String, u64)> = (1..600).map(|i| (format!("acct-{i}"), 1)).collect();
     want.push(("acct-0".into(), 2));
     want.extend((600..2400).map(|i| (format!("acct-{i}"), 1)));
     assert_eq!(ids(&got.lines), want);
-}
-
-/// The accounts live after `events`, each at its last version, in the
-/// order of those versions: what an initial export holds.
-fn live_after(events: &[EntityEvent]) -> Vec<(String, u64)> {
-    let mut last: HashMap<&str, (usize, Option<u64>)> = HashMap::new();
-    for (at, ev) in events.iter().enumerate() {
-        let version = ev.new.as_ref().map(|v| v["version"].as_u64().unwrap());
-        last.insert(ev.entity_id.as_str(), (at, version));
-    }
-    let mut live: Vec<(usize, String, u64)> = last
-        .into_iter()
-        .filter_map(|(id, (at, v))| Some((at, id.to_owned(), v?)))
-        .collect();
-    live.sort();
-    live.into_iter().map(|(_, id, v)| (id, v)).collect()
-}
-
-#[tokio::test]
-async fn an_initial_export_reads_every_version_while_history_is_thin_else_the_last_of_each() {
-    use meterline_exporter::replay::{initial_plan, Initial};
-    // 1,500 accounts; 20 changed again and 10 deleted after all were
-    // created, so both parts of the window hold versions of one entity.
-    let mut events: Vec<EntityEvent> = (0..1500).map(|i| change(i, Action::Created, 1)).collect();
-    events.extend((0..20).map(|i| change(i * 70, Action::Updated, 2)));
-    events.extend((0..10).map(|i| change(i * 70 + 35, Action::Deleted, 1)));
-    let (nats, _, to) = window_of(&[], &events).await;
-    // Changes after S do not show.
-    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let after = vec![
-        change(1, Action::Updated, 2),
-        change(2, Action::Deleted, 1),
-        change(1600, Action::Created, 1),
-    ];
-    store(&js, &after).await;
-    let stream = js.get_stream(subjects::ENTITIES_STREAM).await.unwrap();
-    assert_eq!(
-        initial_plan(&stream, ORG, "account").await.unwrap(),
-        Initial::EveryVersion,
-        "1,533 messages of 1,501 accounts"
-    );
-    let got = read(&nats, None, to, None).await;
-    assert_eq!(
-        marks(&got)[0],
-        "tentative",
-        "read as a window: {:?}",
-        got.marks
-    );
-    let want = live_after(&events);
-    assert_eq!(want.len(), 1490);
-    assert_eq!(ids(&got.lines), want);
-    assert!(got.lines.iter().all(|l| l["deleted"] == json!(false)));
-    assert_eq!(got.count, 1490);
-
-    // Two more versions of 500 accounts: too much history to read it all.
-    let heavy: Vec<EntityEvent> = (1000..1500)
-        .flat_map(|i| [change(i, Action::Updated, 3), change(i, Action::Updated, 4)])
-        .collect();
-    let to = *store(&js, &heavy).await.last().unwrap();
-    assert_eq!(
-        initial_plan(&stream, ORG, "account").await.unwrap(),
-        Initial::LastPerSubject,
-        "2,533 messages of 1,501 accounts"
-    );
-    let got = read(&nats, None, to, None).await;
-    assert!(
-        got.marks.is_empty(),
-        "one message per entity: {:?}",
-        got.marks
-    );
-    events.extend(after);
-    events.extend(heavy);
-    assert_eq!(ids(&got.lines), live_after(&events));
 }
 
 /// What a replay sent the writer: the lines that stand, and each mark
@@ -376,10 +303,10 @@ struct Received {
     count: u64,
 }
 
-/// Replays the accounts of `(from, to]` (an initial export without
-/// `from`) as JSON lines, read on two connections as the exporter reads
-/// them, and receives them as the writer does.
-async fn read(nats: &NatsServer, from: Option<u64>, to: u64, since: Option<&str>) -> Received {
+/// Replays the accounts of `(from, to]` as JSON lines, read on two
+/// connections as the exporter reads them, and receives them as the
+/// writer does.
+async fn read(nats: &NatsServer, from: u64, to: u64, since: Option<&str>) -> Received {
     let kind = export_types(Some(&json!(["ACCOUNTS"]))).unwrap()[0];
     let since = since.map(|s| s.parse().unwrap());
     let rows = RowFormat::new(kind, Format::Jsonl, since);
@@ -390,7 +317,10 @@ async fn read(nats: &NatsServer, from: Option<u64>, to: u64, since: Option<&str>
         streams.push(js.get_stream(subjects::ENTITIES_STREAM).await.unwrap());
     }
     let reader = tokio::spawn(async move {
-        let window = Window { from, to };
+        let window = Window {
+            from: Some(from),
+            to,
+        };
         replay(
             &streams,
             ORG,
