@@ -385,12 +385,7 @@ async fn as_of(stream: &Stream, subject: &str, at: u64) -> Result<Option<Row>, R
 }
 
 /// Whether `subject` has a version after `from` and before `seq`.
-async fn earlier(
-    stream: &Stream,
-    subject: &str,
-    from: u64,
-    seq: u64,
-) -> Result<bool, ReplayError> {
+async fn earlier(stream: &Stream, subject: &str, from: u64, seq: u64) -> Result<bool, ReplayError> {
     Ok(next_of(stream, subject, from + 1)
         .await?
         .is_some_and(|m| m.sequence < seq))
