@@ -890,7 +890,7 @@ impl Runner {
                     }
                     Piece::Tentative => file.tentative = true,
                     Piece::Settled => file.settle().await?,
-                    Piece::Void => file.void(progress).await?,
+                    Piece::Void => file.void().await?,
                 }
             }
             Ok::<_, JobError>(())
@@ -948,8 +948,38 @@ struct KindFile<'a> {
     tentative: bool,
     held: Vec<Sealed>,
     done: Delivered,
-    /// Rows and bytes of this file counted in the job's progress.
-    counted: (u64, u64),
+    tally: Tally,
+}
+
+/// Rows and bytes of one kind's file: written into its current try, and
+/// counted in the job's progress. Progress counts the most written into
+/// any one try, so it never goes back when a tentative start is withdrawn:
+/// the file written again counts once it is past what was withdrawn.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Tally {
+    written: (u64, u64),
+    shown: (u64, u64),
+}
+
+impl Tally {
+    /// Counts rows and bytes written; returns what the job's progress
+    /// gains.
+    fn add(&mut self, rows: u64, bytes: u64) -> (u64, u64) {
+        self.written.0 += rows;
+        self.written.1 += bytes;
+        let more = (
+            self.written.0.saturating_sub(self.shown.0),
+            self.written.1.saturating_sub(self.shown.1),
+        );
+        self.shown.0 += more.0;
+        self.shown.1 += more.1;
+        more
+    }
+
+    /// The file starts over.
+    fn restart(&mut self) {
+        self.written = (0, 0);
+    }
 }
 
 impl<'a> KindFile<'a> {
@@ -973,7 +1003,7 @@ impl<'a> KindFile<'a> {
             tentative: false,
             held: Vec::new(),
             done: Delivered::default(),
-            counted: (0, 0),
+            tally: Tally::default(),
         })
     }
 
@@ -990,8 +1020,7 @@ impl<'a> KindFile<'a> {
     }
 
     fn count(&mut self, progress: &mut Progress<'_>, rows: u64, bytes: u64) {
-        self.counted.0 += rows;
-        self.counted.1 += bytes;
+        let (rows, bytes) = self.tally.add(rows, bytes);
         progress.add(rows, bytes);
     }
 
@@ -1041,17 +1070,17 @@ impl<'a> KindFile<'a> {
     }
 
     /// Every line so far is withdrawn: the file starts over at part 1,
-    /// and what follows stands.
-    async fn void(&mut self, progress: &mut Progress<'_>) -> Result<(), JobError> {
-        let fresh = KindFile::begin(self.settings, self.spec, self.req, self.ty).await?;
+    /// and what follows stands. The job's progress stays where it is until
+    /// the new file is past it.
+    async fn void(&mut self) -> Result<(), JobError> {
+        let mut fresh = KindFile::begin(self.settings, self.spec, self.req, self.ty).await?;
+        fresh.tally = self.tally;
+        fresh.tally.restart();
         let withdrawn = std::mem::replace(self, fresh);
         debug_assert!(
             withdrawn.done.files.is_empty(),
             "a visible part is withdrawn"
         );
-        let (rows, bytes) = withdrawn.counted;
-        progress.rows -= rows;
-        progress.bytes -= bytes;
         withdrawn.abort().await;
         Ok(())
     }
@@ -1253,6 +1282,20 @@ struct Completion<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_never_goes_back_when_a_file_starts_over() {
+        let mut t = Tally::default();
+        assert_eq!(t.add(10, 1000), (10, 1000));
+        // Withdrawn: writing again counts only once past what was shown.
+        t.restart();
+        assert_eq!(t.add(4, 300), (0, 0));
+        assert_eq!(t.add(6, 650), (0, 0));
+        assert_eq!(t.add(2, 100), (2, 50));
+        assert_eq!(t.add(1, 10), (1, 10));
+        assert_eq!(t.shown, (13, 1060));
+        assert_eq!(t.written, (13, 1060));
+    }
 
     #[test]
     fn keys_follow_the_hive_layout_in_both_orders() {
