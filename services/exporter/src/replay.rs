@@ -1008,6 +1008,25 @@ mod tests {
         assert!(false_positives < 10, "{false_positives} false positives");
     }
 
+    /// Accounts whose subjects set every bit of `acct-x`'s (found by
+    /// search): the filter takes `acct-x` for a repeat after them. The
+    /// replay test of a false positive stores exactly these.
+    const FALSE_POSITIVE: [&str; 4] = ["acct-8130509", "acct-9436799", "acct-21518302", "acct-x"];
+
+    #[test]
+    fn a_full_filter_can_take_a_new_subject_for_a_repeat() {
+        let mut r = Repeats::new();
+        let subject = |id: &str| format!("ent.org1.account.{id}");
+        let (others, x) = FALSE_POSITIVE.split_at(3);
+        for id in others {
+            assert!(!r.insert(&subject(id)), "{id} is new");
+        }
+        assert!(
+            r.insert(&subject(x[0])),
+            "acct-x is no longer a false positive: search for accounts whose bits cover it again"
+        );
+    }
+
     #[test]
     fn the_union_of_two_parts_knows_subjects_seen_once_in_each() {
         let (mut a, mut b) = (Repeats::new(), Repeats::new());
