@@ -147,6 +147,8 @@ struct Spec {
 #[derive(Default)]
 struct Delivered {
     files: Vec<ExportFile>,
+    /// Every destination's manifest, once written.
+    manifests: Vec<String>,
     rows: u64,
     bytes: u64,
 }
@@ -671,11 +673,7 @@ impl Runner {
                     r.rows = delivered.rows;
                     r.bytes = delivered.bytes;
                     r.format = Some(spec.format.as_str().to_owned());
-                    r.manifests = spec
-                        .destinations
-                        .iter()
-                        .map(|d| manifest_uri(d.as_ref(), org, job))
-                        .collect();
+                    r.manifests = delivered.manifests.clone();
                     r.error = None;
                     Ok(())
                 })
@@ -832,6 +830,7 @@ impl Runner {
                 return Err(e.into());
             }
             up.finish(digest).await?;
+            all.manifests.push(dest.uri(&key));
         }
         Ok(all)
     }
@@ -1099,10 +1098,6 @@ impl<'a> KindFile<'a> {
         }
         self.file.abort().await;
     }
-}
-
-fn manifest_uri(dest: &dyn Destination, org: &str, job: &str) -> String {
-    dest.uri(&manifest_key(dest.prefix(), org, job))
 }
 
 fn uri_belongs(dest: &dyn Destination, uri: &str) -> bool {
