@@ -384,26 +384,21 @@ async fn as_of(stream: &Stream, subject: &str, at: u64) -> Result<Option<Row>, R
     }
 }
 
-/// Whether `subject` has a version after `from` and before `seq`.
-async fn earlier(stream: &Stream, subject: &str, from: u64, seq: u64) -> Result<bool, ReplayError> {
-    Ok(next_of(stream, subject, from + 1)
-        .await?
-        .is_some_and(|m| m.sequence < seq))
-}
-
-/// Whether `subject` has a version after `seq` and at or before `to`.
-async fn superseded(
+/// Whether `subject` has a version in `(after, up_to]`: one direct get.
+/// A version at `seq` is superseded if it has one in `(seq, S]`, and is
+/// a repeat in its part if it has one in `(part start, seq - 1]`.
+async fn has_version(
     stream: &Stream,
     subject: &str,
-    seq: u64,
-    to: u64,
+    after: u64,
+    up_to: u64,
 ) -> Result<bool, ReplayError> {
-    if seq >= to {
+    if after >= up_to {
         return Ok(false);
     }
-    Ok(next_of(stream, subject, seq + 1)
+    Ok(next_of(stream, subject, after + 1)
         .await?
-        .is_some_and(|m| m.sequence <= to))
+        .is_some_and(|m| m.sequence <= up_to))
 }
 
 async fn incremental(
@@ -480,7 +475,7 @@ async fn incremental(
             let stream = repeated.then(|| stream.clone());
             checks.push_back(async move {
                 let later = match stream {
-                    Some(stream) => superseded(&stream, &v.subject, v.seq, to).await?,
+                    Some(stream) => has_version(&stream, &v.subject, v.seq, to).await?,
                     None => false,
                 };
                 Ok::<_, ReplayError>((later, v))
@@ -523,7 +518,7 @@ async fn stands(
             let v = spill.next().await?.ok_or_else(spill::damaged)?;
             read += 1;
             if repeats.maybe_repeated(&v.subject) {
-                checks.push(async move { superseded(stream, &v.subject, v.seq, to).await });
+                checks.push(async move { has_version(stream, &v.subject, v.seq, to).await });
             }
         }
         if let Some(later) = checks.next().await {
@@ -642,7 +637,8 @@ async fn read_segment(
                 // entities), so while lines are sent as read, one lookup
                 // makes sure before giving that up.
                 if repeats.insert(msg.subject.as_str())
-                    && (live.is_none() || earlier(stream, msg.subject.as_str(), from, seq).await?)
+                    && (live.is_none()
+                        || has_version(stream, msg.subject.as_str(), from, seq - 1).await?)
                 {
                     live = None;
                 }
