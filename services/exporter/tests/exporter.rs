@@ -368,7 +368,6 @@ async fn exports_without_destination_go_to_the_download_store_as_gzipped_jsonl()
         )
         .await
         .unwrap();
-    let store = w.js.get_object_store("export_files").await.unwrap();
     let account_file = files["files"]
         .as_array()
         .unwrap()
@@ -377,11 +376,7 @@ async fn exports_without_destination_go_to_the_download_store_as_gzipped_jsonl()
         .unwrap();
     let name = account_file["name"].as_str().unwrap();
     assert!(name.ends_with("_account.jsonl.gz"), "{name}");
-    let mut obj = store.get(name).await.unwrap();
-    let mut gz = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut gz)
-        .await
-        .unwrap();
+    let gz = w.download_store_file(name).await;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
     let lines: Vec<Value> = text

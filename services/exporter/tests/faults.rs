@@ -343,12 +343,7 @@ async fn a_job_that_moved_its_cursor_is_announced_even_if_its_schedule_is_then_d
         .iter()
         .any(|e| e["eventName"] == "dataexport.job.failure" && e["jobId"] == job.as_str()));
     let name = rec.files[0].uri.strip_prefix("export_files:").unwrap();
-    let store = w.js.get_object_store("export_files").await.unwrap();
-    let mut file = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut store.get(name).await.unwrap(), &mut file)
-        .await
-        .unwrap();
-    let (_, rows) = csv_rows(&file);
+    let (_, rows) = csv_rows(&w.download_store_file(name).await);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["id"], id(&account));
 }

@@ -287,6 +287,17 @@ impl World {
         s3.client().clone()
     }
 
+    /// A file of the download store (`export_files`), by name.
+    pub async fn download_store_file(&self, name: &str) -> Vec<u8> {
+        let store = self.js.get_object_store("export_files").await.unwrap();
+        let mut obj = store.get(name).await.unwrap();
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes)
+            .await
+            .unwrap();
+        bytes
+    }
+
     /// Every object under `prefix`, by key.
     pub async fn objects(&self, prefix: &str) -> BTreeMap<String, Vec<u8>> {
         let client = self.s3_client().await;
