@@ -603,15 +603,13 @@ impl Runner {
             .as_ref()
             .is_some_and(|(c, _)| c.job_id.as_deref() == Some(job));
         // Delivered, with the cursor moved past it: what is left to do is
-        // announcing, from the record.
+        // announcing, from the record, so the schedule (which may be gone
+        // by now) is not read.
         let delivered = advanced && !rec.files.is_empty() && rec.format.is_some();
-        let spec = match self.spec(req).await {
-            Ok(spec) => Some(spec),
-            Err(JobError::Permanent(why)) if delivered => {
-                tracing::warn!(org, job, reason = %why, "the job's schedule is gone after its cursor moved: announcing what it delivered");
-                None
-            }
-            Err(e) => return Err(e),
+        let spec = if delivered {
+            None
+        } else {
+            Some(self.spec(req).await?)
         };
         tracing::debug!(org, job, "export job specified");
         let rec = match (rec.to_sequence, advanced) {
@@ -656,7 +654,7 @@ impl Runner {
             rec
         } else {
             let Some(spec) = &spec else {
-                unreachable!("only a delivered job goes on without its schedule")
+                unreachable!("only a delivered job goes on without its spec")
             };
             let delivering = Instant::now();
             let delivered = self.deliver(req, spec, window, cancel).await?;
@@ -954,7 +952,7 @@ struct KindFile<'a> {
 /// counted in the job's progress. Progress counts the most written into
 /// any one try, so it never goes back when a tentative start is withdrawn:
 /// the file written again counts once it is past what was withdrawn.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     written: (u64, u64),
     shown: (u64, u64),
