@@ -221,13 +221,7 @@ pub fn encode_row(format: Format, columns: &[String], row: &Row, out: &mut Vec<u
         }
         (Format::Csv, State::Event { payload, from_old }) => {
             let mut fields = Vec::with_capacity(32);
-            let scanned = match scan::side(payload, *from_old) {
-                Some(None) => Some(()),
-                Some(Some(b"null")) => Some(()),
-                Some(Some(text)) => scan::object(text, &mut fields),
-                None => None,
-            };
-            if scanned.is_none() {
+            if scan::state(payload, *from_old, &mut fields).is_none() {
                 return encode_parsed(format, columns, row, out);
             }
             // Columns and fields are mostly in the same order: look from

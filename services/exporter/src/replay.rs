@@ -169,10 +169,14 @@ pub const PULL_BATCH_BYTES: usize = 8 << 20;
 /// Lines go to the writer in batches of about this many.
 const BATCH: usize = 256;
 
+/// The action header's name, made once (a name looked up as text is
+/// checked and copied on every look-up).
+const ACTION: async_nats::HeaderName = async_nats::HeaderName::from_static(HEADER_ACTION);
+
 /// The action of a stored entity event: from its header, else its body.
 fn action_of(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<Action> {
     if let Some(action) = headers
-        .and_then(|h| h.get(HEADER_ACTION))
+        .and_then(|h| h.get(ACTION))
         .and_then(|v| Action::parse(v.as_str()))
     {
         return Some(action);

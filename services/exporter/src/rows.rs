@@ -64,15 +64,15 @@ impl ExportKind {
         columns(self.source)
     }
 
-    /// The rows a version of the source entity stands for.
-    fn expand(&self, mut row: Row) -> Vec<Row> {
+    /// Calls `each` with the rows a version of the source entity stands
+    /// for, in order.
+    fn expand(&self, mut row: Row, mut each: impl FnMut(&Row)) {
         if !self.bands {
-            return vec![row];
+            return each(&row);
         }
         let deleted = row.deleted;
         let state = row.map();
         let pricing = state.get("id").cloned().unwrap_or(Value::Null);
-        let mut out = Vec::new();
         for (field, kind) in [
             ("pricingBands", "PRICING"),
             ("overagePricingBands", "OVERAGE"),
@@ -88,10 +88,9 @@ impl ExportKind {
                 };
                 state.insert("pricingId".into(), pricing.clone());
                 state.insert("bandType".into(), Value::String(kind.into()));
-                out.push(Row::parsed(state, deleted));
+                each(&Row::parsed(state, deleted));
             }
         }
-        out
     }
 }
 
@@ -184,10 +183,10 @@ impl RowFormat {
                 *state = m;
             }
         }
-        for row in self.kind.expand(row) {
-            encode_row(self.format, &self.columns, &row, &mut out.bytes);
+        self.kind.expand(row, |row| {
+            encode_row(self.format, &self.columns, row, &mut out.bytes);
             out.ends.push(out.bytes.len());
-        }
+        });
     }
 }
 
@@ -279,7 +278,10 @@ mod tests {
             "pricingBands": [{"id": "b1", "lowerLimit": 0, "fixedPrice": 0, "unitPrice": 1.5},
                              {"id": "b2", "lowerLimit": 100, "fixedPrice": 0, "unitPrice": 1}],
             "overagePricingBands": [{"id": "b3", "lowerLimit": 0, "fixedPrice": 5, "unitPrice": 2}]});
-        let mut rows = kind.expand(Row::parsed(state.as_object().unwrap().clone(), true));
+        let mut rows = Vec::new();
+        kind.expand(Row::parsed(state.as_object().unwrap().clone(), true), |r| {
+            rows.push(r.clone())
+        });
         assert_eq!(rows.len(), 3);
         assert!(rows
             .iter_mut()

@@ -23,13 +23,25 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Where the first `"` or `\` in `b` is. Most strings of an entity are
+/// short (keys, codes, timestamps): a plain loop over their first bytes
+/// finds the end sooner than starting a vector search for each.
+fn quote_or_backslash(b: &[u8]) -> Option<usize> {
+    const SHORT: usize = 32;
+    let head = &b[..b.len().min(SHORT)];
+    if let Some(k) = head.iter().position(|&c| c == b'"' || c == b'\\') {
+        return Some(k);
+    }
+    Some(head.len() + memchr::memchr2(b'"', b'\\', b.get(head.len()..)?)?)
+}
+
 /// The end (just past the closing quote) of the string opening at `i`, and
 /// whether it has escapes.
 fn string_end(b: &[u8], i: usize) -> Option<(usize, bool)> {
     let mut j = i + 1;
     let mut escaped = false;
     loop {
-        let k = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        let k = j + quote_or_backslash(b.get(j..)?)?;
         if b[k] == b'"' {
             return Some((k + 1, escaped));
         }
@@ -78,13 +90,21 @@ fn value_end(b: &[u8], i: usize) -> Option<usize> {
     }
 }
 
-/// Calls `each` with every member of the object opening at `i`, in order,
-/// until it returns `false`; returns the end of the object (or of the last
+/// What [`walk`] does after a member: go on, or stop; either way from
+/// the end of the member's value, given.
+enum Next {
+    On(usize),
+    Stop(usize),
+}
+
+/// Calls `each` with the key and the value's start of every member of the
+/// object opening at `i`, in order; `each` finds where the value ends and
+/// says whether to go on. Returns the end of the object (or of the last
 /// member looked at, when stopped early).
-fn members<'a>(
+fn walk<'a>(
     b: &'a [u8],
     i: usize,
-    mut each: impl FnMut(Option<&'a [u8]>, usize, usize) -> bool,
+    mut each: impl FnMut(Option<&'a [u8]>, usize) -> Option<Next>,
 ) -> Option<usize> {
     if b.get(i) != Some(&b'{') {
         return None;
@@ -103,11 +123,10 @@ fn members<'a>(
         if b.get(j) != Some(&b':') {
             return None;
         }
-        let start = skip_ws(b, j + 1);
-        let end = value_end(b, start)?;
-        if !each(key, start, end) {
-            return Some(end);
-        }
+        let end = match each(key, skip_ws(b, j + 1))? {
+            Next::On(end) => end,
+            Next::Stop(end) => return Some(end),
+        };
         j = skip_ws(b, end);
         match b.get(j)? {
             b',' => j = skip_ws(b, j + 1),
@@ -115,6 +134,24 @@ fn members<'a>(
             _ => return None,
         }
     }
+}
+
+/// Calls `each` with every member of the object opening at `i` (key,
+/// value's start and end), in order, until it returns `false`; returns the
+/// end of the object (or of the last member looked at, when stopped early).
+fn members<'a>(
+    b: &'a [u8],
+    i: usize,
+    mut each: impl FnMut(Option<&'a [u8]>, usize, usize) -> bool,
+) -> Option<usize> {
+    walk(b, i, |key, start| {
+        let end = value_end(b, start)?;
+        Some(if each(key, start, end) {
+            Next::On(end)
+        } else {
+            Next::Stop(end)
+        })
+    })
 }
 
 /// The JSON text of the `new` (or, with `from_old`, the `old`) member of
@@ -133,14 +170,15 @@ pub fn side(payload: &[u8], from_old: bool) -> Option<Option<&[u8]>> {
     Some(found)
 }
 
-/// The members of the object `text` into `out` (cleared first); `None`
-/// when `text` is not an object or a key has escapes.
-pub fn object<'a>(text: &'a [u8], out: &mut Vec<Member<'a>>) -> Option<()> {
+/// The members of the object opening at `i` into `out` (cleared first);
+/// returns the object's end, or `None` when there is no object there or a
+/// key has escapes.
+fn object_at<'a>(b: &'a [u8], i: usize, out: &mut Vec<Member<'a>>) -> Option<usize> {
     out.clear();
     let mut ok = true;
-    members(text, 0, |key, s, e| match key {
+    let end = members(b, i, |key, s, e| match key {
         Some(k) => {
-            out.push((k, &text[s..e]));
+            out.push((k, &b[s..e]));
             true
         }
         None => {
@@ -148,7 +186,30 @@ pub fn object<'a>(text: &'a [u8], out: &mut Vec<Member<'a>>) -> Option<()> {
             false
         }
     })?;
-    ok.then_some(())
+    ok.then_some(end)
+}
+
+/// The members of the state in the event `payload` (its `new`, or with
+/// `from_old` its `old`) into `out` (cleared first), the state's bytes
+/// walked once: `Some(true)`; `Some(false)` when the event has no such
+/// state (absent or `null`); `None` when the state is not an object or a
+/// key has escapes.
+pub fn state<'a>(payload: &'a [u8], from_old: bool, out: &mut Vec<Member<'a>>) -> Option<bool> {
+    out.clear();
+    let want: &[u8] = if from_old { b"old" } else { b"new" };
+    let mut found = false;
+    walk(payload, skip_ws(payload, 0), |key, s| {
+        if key != Some(want) {
+            return value_end(payload, s).map(Next::On);
+        }
+        if payload.get(s) != Some(&b'{') {
+            let end = value_end(payload, s)?;
+            return (&payload[s..end] == b"null").then_some(Next::Stop(end));
+        }
+        found = true;
+        object_at(payload, s, out).map(Next::Stop)
+    })?;
+    Some(found)
 }
 
 #[cfg(test)]
@@ -159,7 +220,7 @@ mod tests {
     fn spans(v: &Value) -> Vec<(String, Value)> {
         let text = v.to_string();
         let mut out = Vec::new();
-        object(text.as_bytes(), &mut out).expect("an object");
+        object_at(text.as_bytes(), 0, &mut out).expect("an object");
         out.into_iter()
             .map(|(k, t)| {
                 (
@@ -194,6 +255,35 @@ mod tests {
     }
 
     #[test]
+    fn strings_end_where_they_end_short_or_long_with_escapes_anywhere() {
+        // Short strings are searched byte by byte, the rest of a long one
+        // by a vector search: an end or an escape on either side of that
+        // line, or right on it, is found.
+        for len in 0..80 {
+            let plain = "a".repeat(len);
+            for text in [
+                plain.clone(),
+                format!("{plain}\""),
+                format!("\"{plain}"),
+                format!("{plain}\\x"),
+                format!("{}\"{}", &plain[..len / 2], &plain[len / 2..]),
+            ] {
+                let v = json!({ "k": text, "after": "b\\" });
+                let got = spans(&v);
+                assert_eq!(got[0], ("k".into(), json!(text)), "{text:?}");
+                assert_eq!(got[1], ("after".into(), json!("b\\")), "{text:?}");
+                // As a key: found whole if plain, refused if escaped.
+                let key = json!({ text.clone(): 1 }).to_string();
+                let mut out = Vec::new();
+                match object_at(key.as_bytes(), 0, &mut out) {
+                    Some(_) => assert_eq!(out, [(text.as_bytes(), &b"1"[..])]),
+                    None => assert_ne!(text, plain),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_side_asked_for_is_found_and_nested_names_do_not_confuse_it() {
         let ev = json!({
             "id": "e", "action": "updated",
@@ -213,6 +303,69 @@ mod tests {
     }
 
     #[test]
+    fn the_members_of_the_state_asked_for_are_found_in_one_walk() {
+        let ev = json!({
+            "id": "e", "action": "updated",
+            "actor": "{\"new\": 1}",
+            "new": {"id": "a", "name": "after", "tags": ["x", {"new": 2}]},
+            "old": {"new": {"id": "nested"}, "name": "before"}
+        })
+        .to_string();
+        let text = |m: &[Member]| -> Vec<(String, String)> {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        String::from_utf8(k.to_vec()).unwrap(),
+                        String::from_utf8(v.to_vec()).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        assert_eq!(state(ev.as_bytes(), false, &mut out), Some(true));
+        assert_eq!(
+            text(&out),
+            [
+                ("id".into(), "\"a\"".into()),
+                ("name".into(), "\"after\"".into()),
+                ("tags".into(), r#"["x",{"new":2}]"#.into()),
+            ]
+        );
+        assert_eq!(state(ev.as_bytes(), true, &mut out), Some(true));
+        assert_eq!(
+            text(&out),
+            [
+                ("new".into(), r#"{"id":"nested"}"#.into()),
+                ("name".into(), "\"before\"".into()),
+            ]
+        );
+        // No state: absent or null, and nothing left over from before.
+        assert_eq!(
+            state(br#"{"new":null,"old":{"a":1}}"#, false, &mut out),
+            Some(false)
+        );
+        assert!(out.is_empty());
+        assert_eq!(state(br#"{"new":{"a":1}}"#, true, &mut out), Some(false));
+        assert!(out.is_empty());
+        // Not readable so: the caller parses instead.
+        for bad in [
+            &br#"{"new":5}"#[..],
+            br#"{"new":nul}"#,
+            br#"{"new":{"k\u0041":1}}"#,
+            br#"{"new":{"a":1,}}"#,
+            br#"{"id":"open, "new":{}}"#,
+            b"[]",
+        ] {
+            assert_eq!(
+                state(bad, false, &mut out),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn anything_unexpected_gives_up() {
         let mut out = Vec::new();
         for bad in [
@@ -226,7 +379,7 @@ mod tests {
             b"{\"k\\u0041\":1}",
         ] {
             assert!(
-                object(bad, &mut out).is_none(),
+                object_at(bad, 0, &mut out).is_none(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
