@@ -136,36 +136,33 @@ fn walk<'a>(
     }
 }
 
-/// Calls `each` with every member of the object opening at `i` (key,
-/// value's start and end), in order, until it returns `false`; returns the
-/// end of the object (or of the last member looked at, when stopped early).
-fn members<'a>(
-    b: &'a [u8],
-    i: usize,
-    mut each: impl FnMut(Option<&'a [u8]>, usize, usize) -> bool,
-) -> Option<usize> {
-    walk(b, i, |key, start| {
-        let end = value_end(b, start)?;
-        Some(if each(key, start, end) {
-            Next::On(end)
+/// Walks the event `payload` to its `new` (or, with `from_old`, its `old`)
+/// member and calls `read` with where that value starts; `read` reads it
+/// and returns where it ends. `None` when the event, or `read`, gives up.
+fn to_side(
+    payload: &[u8],
+    from_old: bool,
+    mut read: impl FnMut(usize) -> Option<usize>,
+) -> Option<()> {
+    let want: &[u8] = if from_old { b"old" } else { b"new" };
+    walk(payload, skip_ws(payload, 0), |key, s| {
+        if key == Some(want) {
+            read(s).map(Next::Stop)
         } else {
-            Next::Stop(end)
-        })
-    })
+            value_end(payload, s).map(Next::On)
+        }
+    })?;
+    Some(())
 }
 
 /// The JSON text of the `new` (or, with `from_old`, the `old`) member of
 /// the event in `payload`; `None` when it is absent.
 pub fn side(payload: &[u8], from_old: bool) -> Option<Option<&[u8]>> {
-    let want: &[u8] = if from_old { b"old" } else { b"new" };
-    let start = skip_ws(payload, 0);
     let mut found = None;
-    members(payload, start, |key, s, e| {
-        if key == Some(want) {
-            found = Some(&payload[s..e]);
-            return false;
-        }
-        true
+    to_side(payload, from_old, |s| {
+        let end = value_end(payload, s)?;
+        found = Some(&payload[s..end]);
+        Some(end)
     })?;
     Some(found)
 }
@@ -175,18 +172,11 @@ pub fn side(payload: &[u8], from_old: bool) -> Option<Option<&[u8]>> {
 /// key has escapes.
 fn object_at<'a>(b: &'a [u8], i: usize, out: &mut Vec<Member<'a>>) -> Option<usize> {
     out.clear();
-    let mut ok = true;
-    let end = members(b, i, |key, s, e| match key {
-        Some(k) => {
-            out.push((k, &b[s..e]));
-            true
-        }
-        None => {
-            ok = false;
-            false
-        }
-    })?;
-    ok.then_some(end)
+    walk(b, i, |key, start| {
+        let end = value_end(b, start)?;
+        out.push((key?, &b[start..end]));
+        Some(Next::On(end))
+    })
 }
 
 /// The members of the state in the event `payload` (its `new`, or with
@@ -196,20 +186,16 @@ fn object_at<'a>(b: &'a [u8], i: usize, out: &mut Vec<Member<'a>>) -> Option<usi
 /// key has escapes.
 pub fn state<'a>(payload: &'a [u8], from_old: bool, out: &mut Vec<Member<'a>>) -> Option<bool> {
     out.clear();
-    let want: &[u8] = if from_old { b"old" } else { b"new" };
-    let mut found = false;
-    walk(payload, skip_ws(payload, 0), |key, s| {
-        if key != Some(want) {
-            return value_end(payload, s).map(Next::On);
+    let mut object = false;
+    to_side(payload, from_old, |s| {
+        if payload.get(s) == Some(&b'{') {
+            object = true;
+            return object_at(payload, s, out);
         }
-        if payload.get(s) != Some(&b'{') {
-            let end = value_end(payload, s)?;
-            return (&payload[s..end] == b"null").then_some(Next::Stop(end));
-        }
-        found = true;
-        object_at(payload, s, out).map(Next::Stop)
+        let end = value_end(payload, s)?;
+        (&payload[s..end] == b"null").then_some(end)
     })?;
-    Some(found)
+    Some(object)
 }
 
 #[cfg(test)]
