@@ -398,10 +398,9 @@ async fn bad_requests_are_refused_whole_and_nothing_is_stored() {
         .get_stream(subjects::MEASUREMENTS_STREAM)
         .await
         .unwrap()
-        .info()
+        .get_info()
         .await
-        .unwrap()
-        .clone();
+        .unwrap();
     assert_eq!(info.state.messages, 0, "nothing at all is stored");
     let r = w.submit(vec![call("after", 1.0)]).await.unwrap();
     assert_eq!(r["accepted"], 1, "the service keeps serving");
